@@ -1,0 +1,146 @@
+// Input validation shared by the CPU and CUDA kernels: every op checks its
+// arguments here, so a bad input gets the same message on every device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+namespace giblet {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* expected) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D ", expected, ", got shape ", shape_str(t));
+}
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                              const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; expected both on one device");
+}
+
+// Weights of the projections: same dtype and device as `ref`.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_same_device(op, name, t, ref, ref_name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type(), "; expected the same dtype");
+}
+
+inline void check_gather_project(const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias) {
+  const char* op = "gather_project";
+  check_dim(op, "table", table, 2, "(T, D)");
+  auto tt = table.scalar_type();
+  TORCH_CHECK(tt == at::kByte || tt == at::kFloat || tt == at::kDouble || tt == at::kHalf || tt == at::kBFloat16, op,
+              ": table must be uint8, float16, bfloat16, float32 or float64, got ", tt);
+  check_dim(op, "index", index, 2, "(B, S) of row numbers");
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
+  check_dim(op, "weight", weight, 2, "(P, D)");
+  check_float_dtype(op, "weight", weight);
+  TORCH_CHECK(weight.size(1) == table.size(1), op, ": weight has shape ", shape_str(weight), " but table has D=",
+              table.size(1), " columns; expected weight (P, ", table.size(1), ")");
+  check_same_device(op, "index", index, table, "table");
+  check_same_device(op, "weight", weight, table, "table");
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, "bias", *bias, weight, "weight");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias has shape ", shape_str(*bias),
+                "; expected (", weight.size(0), ",) to match weight (P, D)");
+  }
+}
+
+// Range check of the row numbers, given their sorted unique values. Only on a
+// failure does it search `index` for the position of the offending value.
+inline void check_index_range(const at::Tensor& index, const at::Tensor& unique_sorted, int64_t n_rows) {
+  if (unique_sorted.numel() == 0) return;
+  int64_t lo = unique_sorted[0].item<int64_t>();
+  int64_t hi = unique_sorted[-1].item<int64_t>();
+  if (lo >= -1 && hi < n_rows) return;
+  int64_t bad = lo < -1 ? lo : hi;
+  auto pos = (index == bad).nonzero()[0].cpu();
+  TORCH_CHECK(false, "gather_project: index holds ", bad, " at position (", pos[0].item<int64_t>(), ", ",
+              pos[1].item<int64_t>(), ") but table has T=", n_rows, " rows; expected -1 (empty slot) or 0..",
+              n_rows - 1);
+}
+
+inline void check_grid(const char* op, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
+  TORCH_CHECK(std::isfinite(rate) && rate > 0, op, ": rate must be a positive number of samples per second, got ",
+              rate);
+  TORCH_CHECK(std::isfinite(window) && window > 0, op, ": window must be a positive duration in seconds, got ",
+              window);
+  TORCH_CHECK(n_out > 0, op, ": n_out must be at least 1, got ", n_out);
+  check_dim(op, "onsets", onsets, 1, "(N,) of window onsets in seconds");
+  TORCH_CHECK(onsets.scalar_type() == at::kDouble, op, ": onsets must be float64 seconds, got ",
+              onsets.scalar_type());
+}
+
+inline void check_resample_codes(const at::Tensor& codes, const at::Tensor& onsets) {
+  const char* op = "resample_codes";
+  TORCH_CHECK(codes.dim() != 3, op, ": codes has shape ", shape_str(codes),
+              " with a batch axis; expected (n_q, T): drop the batch axis first (codes[0] for EnCodec's (1, n_q, T))");
+  check_dim(op, "codes", codes, 2, "(n_q, T)");
+  auto st = codes.scalar_type();
+  TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kShort, op, ": codes must be int16, int32 or int64, got ",
+              st);
+  check_same_device(op, "onsets", onsets, codes, "codes");
+}
+
+inline void check_grid_average(const at::Tensor& values, const at::Tensor& onsets) {
+  const char* op = "grid_average";
+  check_dim(op, "values", values, 2, "(T, C) of feature frames");
+  check_float_dtype(op, "values", values);
+  check_same_device(op, "onsets", onsets, values, "values");
+}
+
+enum class Activation { identity = 0, gelu = 1, tanh = 2 };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "identity") return Activation::identity;
+  if (name == "gelu") return Activation::gelu;
+  if (name == "tanh") return Activation::tanh;
+  TORCH_CHECK(false, "bottleneck: activation must be one of identity, gelu, tanh; got '", std::string(name), "'");
+}
+
+inline void check_bottleneck(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& mask) {
+  const char* op = "bottleneck";
+  check_dim(op, "x", x, 2, "(B, K)");
+  check_dim(op, "weight", weight, 2, "(V, K)");
+  check_float_dtype(op, "x", x);
+  check_like(op, "weight", weight, x, "x");
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight has shape ", shape_str(weight), " but x has K=", x.size(1),
+              " features; expected weight (V, ", x.size(1), ")");
+  int64_t V = weight.size(0);
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, "bias", *bias, weight, "weight");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == V, op, ": bias has shape ", shape_str(*bias), "; expected (", V,
+                ",)");
+  }
+  if (mask.has_value() && mask->defined()) {
+    check_same_device(op, "mask", *mask, weight, "weight");
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be bool (True = unit kept), got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == V, op, ": mask has shape ", shape_str(*mask), "; expected (", V,
+                ",), one entry per unit");
+  }
+}
+
+// Accumulation type of the projections: double for double, float otherwise.
+inline at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
+  return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace giblet

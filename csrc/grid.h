@@ -1,0 +1,50 @@
+// Exact sample positions of the TR grid, shared by the CPU and CUDA kernels.
+//
+// Window i starts at onsets[i] seconds and lasts `window` seconds; it is split
+// into n_out equal sub-intervals. Everything is computed in float64 from the
+// onset itself, never by accumulating per-window sample counts, so the error at
+// TR 2,000 is the same as at TR 0.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace giblet {
+
+// Index of the sample under the centre of sub-interval k of a window, or -1
+// when that sample is outside [0, n_samples).
+C10_HOST_DEVICE inline int64_t grid_sample_index(double onset, int64_t k, double window, int64_t n_out, double rate,
+                                                 int64_t n_samples) {
+  const double position = floor((onset + (k + 0.5) * window / n_out) * rate);
+  if (!(position >= 0.0) || position >= static_cast<double>(n_samples)) return -1;
+  return static_cast<int64_t>(position);
+}
+
+// Sub-interval k of a window, in seconds: [start, stop).
+C10_HOST_DEVICE inline void grid_interval(double onset, int64_t k, double window, int64_t n_out, double* start,
+                                          double* stop) {
+  *start = onset + k * window / n_out;
+  *stop = onset + (k + 1) * window / n_out;
+}
+
+// Samples t cover [t / rate, (t + 1) / rate). The first and one past the last
+// sample that overlap [start, stop), clipped to [0, n_samples).
+C10_HOST_DEVICE inline void grid_overlap_range(double start, double stop, double rate, int64_t n_samples,
+                                               int64_t* first, int64_t* last) {
+  double lo = floor(start * rate), hi = ceil(stop * rate);
+  lo = lo < 0.0 ? 0.0 : lo;
+  hi = hi > static_cast<double>(n_samples) ? static_cast<double>(n_samples) : hi;
+  *first = static_cast<int64_t>(lo);
+  *last = hi > lo ? static_cast<int64_t>(hi) : *first;
+}
+
+// Seconds of sample t inside [start, stop).
+C10_HOST_DEVICE inline double grid_overlap(int64_t t, double start, double stop, double rate) {
+  const double a = t / rate > start ? t / rate : start;
+  const double b = (t + 1) / rate < stop ? (t + 1) / rate : stop;
+  return b > a ? b - a : 0.0;
+}
+
+}  // namespace giblet
