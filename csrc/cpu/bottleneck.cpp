@@ -219,7 +219,8 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_gemm_forward(const at::Tensor& x, 
     case Activation::tanh: y = at::tanh(z); break;
     default: y = z;
   }
-  if (mask.has_value() && mask->defined()) y = y * *mask;
+  // where, not a product: a lesioned unit is 0 even if its weights are not finite.
+  if (mask.has_value() && mask->defined()) y = at::where(*mask, y, at::zeros({}, y.options()));
   auto pre = act == Activation::identity ? at::empty({0}, z.options()) : z;
   return {y.to(x.scalar_type()), pre};
 }
@@ -253,7 +254,7 @@ at::Tensor pre_activation_grad(const at::Tensor& grad_out, const at::Tensor& pre
     });
     g = gp;
   }
-  if (mask.has_value() && mask->defined()) g = g * *mask;
+  if (mask.has_value() && mask->defined()) g = at::where(*mask, g, at::zeros({}, g.options()));
   return g;
 }
 

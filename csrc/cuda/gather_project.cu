@@ -1,0 +1,99 @@
+// CUDA kernel of gather_project: the blocked gather-dequantize; the projection
+// itself (unique rows, blocked GEMMs, backward) is in csrc/gather_project.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../gather_project.h"
+
+namespace giblet {
+namespace {
+
+// Elements per buffer block: 32 M (128 MB in float32) keeps each addmm large
+// enough to fill the GPU while the buffer stays small next to the table.
+constexpr int64_t kCudaBlockElems = int64_t(1) << 25;
+constexpr int kThreads = 256;
+constexpr int64_t kMaxGridY = 65535;
+
+// Products that nvcc may not fuse into an FMA: the dequantized values then
+// round exactly as in the CPU kernel (a multiply, then an add).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// buf[u, j] = table[rows[u], col0 + j] * scale + shift. blockIdx.y walks the
+// rows, blockIdx.x and the threads the columns, so reads of a row are
+// coalesced whenever the table is row-major.
+template <typename in_t, typename acc_t>
+__global__ void gather_rows_kernel(const in_t* __restrict__ table, int64_t row_stride, int64_t col_stride,
+                                   const int64_t* __restrict__ rows, int64_t n_rows, int64_t col0, int64_t cols,
+                                   acc_t scale, acc_t shift, acc_t* __restrict__ buf) {
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t u = blockIdx.y; u < n_rows; u += gridDim.y) {
+    const in_t* in = table + rows[u] * row_stride + col0 * col_stride;
+    acc_t* out = buf + u * cols;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < cols; j += col_step)
+      out[j] = mul_rn(static_cast<acc_t>(in[j * col_stride]), scale) + shift;
+  }
+}
+
+template <typename in_t, typename acc_t>
+void gather_rows_typed(const at::Tensor& table, const at::Tensor& rows, int64_t col0, int64_t cols, acc_t scale,
+                       acc_t shift, at::Tensor& buf) {
+  const int64_t n_rows = rows.numel();
+  if (n_rows == 0 || cols == 0) return;
+  TORCH_INTERNAL_ASSERT(buf.is_contiguous() && buf.numel() == n_rows * cols);
+  const auto row_ids = rows.contiguous();
+  const int64_t col_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, 1024);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min(n_rows, kMaxGridY)));
+  gather_rows_kernel<in_t, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      table.const_data_ptr<in_t>(), table.stride(0), table.stride(1), row_ids.const_data_ptr<int64_t>(), n_rows,
+      col0, cols, scale, shift, buf.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows, int64_t col0, int64_t cols, double scale,
+                      double shift, at::Tensor& buf) {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, table.scalar_type(), "gather_project_cuda", [&] {
+    if (buf.scalar_type() == at::kDouble) {
+      gather_rows_typed<scalar_t, double>(table, rows, col0, cols, scale, shift, buf);
+    } else {
+      gather_rows_typed<scalar_t, float>(table, rows, col0, cols, static_cast<float>(scale),
+                                         static_cast<float>(shift), buf);
+    }
+  });
+}
+
+at::Tensor gather_project_cuda(const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, double scale, double shift) {
+  // Checked before the guard, so that a CPU tensor gets the device message
+  // rather than a failed guard.
+  check_gather_project(table, index, weight, bias);
+  const c10::cuda::CUDAGuard guard(table.device());
+  return gather_project_forward_impl(table, index, weight, bias, scale, shift, gather_rows_cuda, kCudaBlockElems);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_cuda(const at::Tensor& grad_out,
+                                                                            const at::Tensor& table,
+                                                                            const at::Tensor& index,
+                                                                            const at::Tensor& weight, double scale,
+                                                                            double shift, bool table_requires_grad) {
+  check_gather_project(table, index, weight, c10::nullopt);
+  check_same_device("gather_project_backward", "grad_out", grad_out, table, "table");
+  const c10::cuda::CUDAGuard guard(table.device());
+  return gather_project_backward_impl(grad_out, table, index, weight, scale, shift, table_requires_grad,
+                                      gather_rows_cuda, kCudaBlockElems);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(giblet, CUDA, m) {
+  m.impl("gather_project", &gather_project_cuda);
+  m.impl("gather_project_backward", &gather_project_backward_cuda);
+}
+
+}  // namespace giblet

@@ -1,0 +1,220 @@
+// CUDA kernels of the TR-grid resampling ops: grid_index, resample_codes,
+// grid_average (+ backward). The grid arithmetic is csrc/grid.h, the same
+// float64 code as on the CPU, so sample positions agree exactly.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../checks.h"
+#include "../grid.h"
+
+namespace giblet {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
+}
+
+unsigned blocks_for_cells(int64_t n_cells) { return static_cast<unsigned>(std::min(n_cells, kMaxBlocks)); }
+
+// Threads per cell of grid_average: one per channel, in whole warps.
+int threads_for_channels(int64_t C) { return static_cast<int>(std::min<int64_t>(kThreads, (C + 31) / 32 * 32)); }
+
+// Products that nvcc may not fuse into an FMA, so the sums round as in the
+// CPU kernel (a multiply, then an add).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// ---------------------------------------------------------------- grid_index
+
+__global__ void grid_index_kernel(const double* __restrict__ onsets, int64_t N, int64_t n_samples, double rate,
+                                  double window, int64_t n_out, int64_t* __restrict__ out) {
+  const int64_t total = N * n_out;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / n_out, k = idx % n_out;
+    out[idx] = grid_sample_index(onsets[i], k, window, n_out, rate, n_samples);
+  }
+}
+
+at::Tensor grid_index_cuda(int64_t n_samples, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
+  check_grid("grid_index", rate, onsets, window, n_out);
+  TORCH_CHECK(n_samples >= 0, "grid_index: n_samples must be >= 0, got ", n_samples);
+  const c10::cuda::CUDAGuard guard(onsets.device());
+  auto on = onsets.contiguous();
+  const int64_t N = on.size(0);
+  auto out = at::empty({N, n_out}, on.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  grid_index_kernel<<<blocks_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      on.const_data_ptr<double>(), N, n_samples, rate, window, n_out, out.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ------------------------------------------------------------ resample_codes
+
+// out[i, q, k] = codes[q, grid_sample_index(i, k)], pad outside the stream.
+template <typename code_t>
+__global__ void resample_codes_kernel(const code_t* __restrict__ codes, int64_t s0, int64_t s1, int64_t n_q,
+                                      int64_t T, const double* __restrict__ onsets, int64_t N, double rate,
+                                      double window, int64_t n_out, int64_t pad, int64_t* __restrict__ out) {
+  const int64_t total = N * n_q * n_out;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t k = idx % n_out;
+    const int64_t q = (idx / n_out) % n_q;
+    const int64_t i = idx / (n_out * n_q);
+    const int64_t position = grid_sample_index(onsets[i], k, window, n_out, rate, T);
+    out[idx] = position < 0 ? pad : static_cast<int64_t>(codes[q * s0 + position * s1]);
+  }
+}
+
+at::Tensor resample_codes_cuda(const at::Tensor& codes, double rate, const at::Tensor& onsets, double window,
+                               int64_t n_out, int64_t pad) {
+  check_resample_codes(codes, onsets);
+  check_grid("resample_codes", rate, onsets, window, n_out);
+  const c10::cuda::CUDAGuard guard(codes.device());
+  auto on = onsets.contiguous();
+  const int64_t N = on.size(0), n_q = codes.size(0), T = codes.size(1);
+  auto out = at::empty({N, n_q, n_out}, codes.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "resample_codes_cuda", [&] {
+    resample_codes_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        codes.const_data_ptr<scalar_t>(), codes.stride(0), codes.stride(1), n_q, T, on.const_data_ptr<double>(), N,
+        rate, window, n_out, pad, out.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// -------------------------------------------------------------- grid_average
+
+// One block per cell (window i, sub-interval k), one thread per channel. The
+// frames and their weights are walked in the CPU kernel's order, with the
+// same float64 total, so each output rounds as on the CPU.
+template <typename scalar_t, typename acc_t>
+__global__ void grid_average_kernel(const scalar_t* __restrict__ values, int64_t T, int64_t C,
+                                    const double* __restrict__ onsets, int64_t n_cells, double rate, double window,
+                                    int64_t n_out, scalar_t* __restrict__ out) {
+  for (int64_t cell = blockIdx.x; cell < n_cells; cell += gridDim.x) {
+    const int64_t i = cell / n_out, k = cell % n_out;
+    double start, stop;
+    int64_t first, last;
+    grid_interval(onsets[i], k, window, n_out, &start, &stop);
+    grid_overlap_range(start, stop, rate, T, &first, &last);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      acc_t sum = acc_t(0);
+      double total = 0.0;
+      for (int64_t t = first; t < last; ++t) {
+        const double w = grid_overlap(t, start, stop, rate);
+        if (w <= 0.0) continue;
+        total += w;
+        sum = sum + mul_rn(static_cast<acc_t>(w), static_cast<acc_t>(values[t * C + c]));
+      }
+      const acc_t inv = total > 0.0 ? static_cast<acc_t>(1.0 / total) : acc_t(0);
+      out[cell * C + c] = static_cast<scalar_t>(mul_rn(sum, inv));
+    }
+  }
+}
+
+at::Tensor grid_average_cuda(const at::Tensor& values, double rate, const at::Tensor& onsets, double window,
+                             int64_t n_out) {
+  check_grid_average(values, onsets);
+  check_grid("grid_average", rate, onsets, window, n_out);
+  const c10::cuda::CUDAGuard guard(values.device());
+  auto on = onsets.contiguous();
+  auto v = values.contiguous();
+  const int64_t N = on.size(0), T = v.size(0), C = v.size(1);
+  auto out = at::empty({N, n_out, C}, v.options());
+  if (out.numel() == 0) return out;
+  const int64_t n_cells = N * n_out;
+  const int threads = threads_for_channels(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "grid_average_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    grid_average_kernel<scalar_t, acc_t>
+        <<<blocks_for_cells(n_cells), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            v.const_data_ptr<scalar_t>(), T, C, on.const_data_ptr<double>(), n_cells, rate, window, n_out,
+            out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// The transpose of grid_average: each cell scatters grad_out[cell] * w / total
+// onto the frames it overlaps. Cells overlap in frames (windows of consecutive
+// TRs share frames), hence the atomics, always in float32 or float64: the
+// result is correct to rounding but its last bits depend on the order of the
+// atomics.
+template <typename scalar_t, typename acc_t>
+__global__ void grid_average_backward_kernel(const scalar_t* __restrict__ grad_out, int64_t n_samples, int64_t C,
+                                             const double* __restrict__ onsets, int64_t n_cells, double rate,
+                                             double window, int64_t n_out, acc_t* __restrict__ acc) {
+  for (int64_t cell = blockIdx.x; cell < n_cells; cell += gridDim.x) {
+    const int64_t i = cell / n_out, k = cell % n_out;
+    double start, stop;
+    int64_t first, last;
+    grid_interval(onsets[i], k, window, n_out, &start, &stop);
+    grid_overlap_range(start, stop, rate, n_samples, &first, &last);
+    double total = 0.0;
+    for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
+    if (total <= 0.0) continue;  // uniform across the block: no frame overlaps this cell
+    for (int64_t t = first; t < last; ++t) {
+      const acc_t w = static_cast<acc_t>(grid_overlap(t, start, stop, rate) / total);
+      if (w == acc_t(0)) continue;
+      for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
+        atomicAdd(acc + t * C + c, mul_rn(w, static_cast<acc_t>(grad_out[cell * C + c])));
+    }
+  }
+}
+
+at::Tensor grid_average_backward_cuda(const at::Tensor& grad_out, int64_t n_samples, double rate,
+                                      const at::Tensor& onsets, double window, int64_t n_out) {
+  check_grid("grid_average_backward", rate, onsets, window, n_out);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == onsets.size(0) && grad_out.size(1) == n_out,
+              "grid_average_backward: grad_out has shape ", shape_str(grad_out), "; expected (", onsets.size(0), ", ",
+              n_out, ", C)");
+  // The kernel reads onsets on the device: a CPU onsets tensor must fail here.
+  check_same_device("grid_average_backward", "onsets", onsets, grad_out, "grad_out");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  auto on = onsets.contiguous();
+  auto g = grad_out.contiguous();
+  const int64_t N = on.size(0), C = g.size(2);
+  const int64_t n_cells = N * n_out;
+  const int threads = threads_for_channels(C);
+  at::Tensor grad_values;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grid_average_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // float16/bfloat16 accumulate in a float32 buffer, cast once at the end.
+    auto acc = at::zeros({n_samples, C}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (acc.numel() > 0 && n_cells > 0) {
+      at::globalContext().alertNotDeterministic("grid_average_backward_cuda");
+      grid_average_backward_kernel<scalar_t, acc_t>
+          <<<blocks_for_cells(n_cells), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              g.const_data_ptr<scalar_t>(), n_samples, C, on.const_data_ptr<double>(), n_cells, rate, window, n_out,
+              acc.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    grad_values = acc.scalar_type() == g.scalar_type() ? acc : acc.to(g.scalar_type());
+  });
+  return grad_values;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(giblet, CUDA, m) {
+  m.impl("grid_index", &grid_index_cuda);
+  m.impl("resample_codes", &resample_codes_cuda);
+  m.impl("grid_average", &grid_average_cuda);
+  m.impl("grid_average_backward", &grid_average_backward_cuda);
+}
+
+}  // namespace giblet

@@ -1,0 +1,189 @@
+"""gather_project: weight @ (table[index] * scale + shift) + bias, 0 for empty slots."""
+
+import pytest
+import torch
+
+from giblet import ops
+from giblet import ops_reference as ref
+
+# Absolute/relative tolerances of the fused result against the reference, by weight dtype.
+TOLERANCE = {torch.float32: (2e-4, 1e-4), torch.bfloat16: (5e-2, 2e-2), torch.float16: (1e-2, 5e-3)}
+
+
+def make_index(batch, slots, rows, device, empty_fraction=0.2, repeats=True):
+    """Window indices with empty slots (-1) and rows named by several slots."""
+    pool = rows if not repeats else max(2, rows // 3)
+    index = torch.randint(0, pool, (batch, slots), device=device)
+    index[torch.rand(batch, slots, device=device) < empty_fraction] = -1
+    return index
+
+
+def make_table(rows, dim, dtype, device):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (rows, dim), dtype=torch.uint8, device=device)
+    return torch.randn(rows, dim, device=device).to(dtype)
+
+
+def run_both(table, index, weight, bias, scale, shift, grad_table=False):
+    """Forward and backward of the fused op and of the reference on identical leaves."""
+    results = []
+    for fn in (ops.gather_project, ref.gather_project):
+        t = table.detach().clone().requires_grad_(grad_table)
+        w = weight.detach().clone().requires_grad_(True)
+        b = None if bias is None else bias.detach().clone().requires_grad_(True)
+        out = fn(t, index, w, b, scale, shift)
+        grad_out = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
+        leaves = [w] + ([b] if b is not None else []) + ([t] if grad_table else [])
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        results.append((out, grads))
+    return results
+
+
+@pytest.mark.parametrize("table_dtype", [torch.uint8, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference_forward_and_backward(device, table_dtype, weight_dtype):
+    table = make_table(40, 96, table_dtype, device)
+    index = make_index(3, 7, 40, device)
+    weight = (torch.randn(11, 96, device=device) * 0.1).to(weight_dtype)
+    bias = torch.randn(11, device=device).to(weight_dtype)
+    scale, shift = (1 / 255, -0.5) if table_dtype == torch.uint8 else (0.7, 0.1)
+    grad_table = table_dtype.is_floating_point
+    (out, grads), (ref_out, ref_grads) = run_both(table, index, weight, bias, scale, shift, grad_table)
+    atol, rtol = TOLERANCE[weight_dtype]
+    assert out.dtype == weight_dtype and out.shape == (3, 7, 11)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    # The table gradient is stored in the table's dtype: its rounding counts too.
+    table_atol, table_rtol = TOLERANCE.get(table_dtype, (0, 0))
+    atol, rtol = max(atol, table_atol), max(rtol, table_rtol)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), atol=atol * 10, rtol=rtol * 10)
+
+
+def test_empty_slots_are_exactly_zero_and_pass_no_gradient(device):
+    table = make_table(20, 32, torch.uint8, device)
+    index = torch.full((2, 5), -1, dtype=torch.int64, device=device)
+    index[0, 1] = 3
+    weight = torch.randn(6, 32, device=device, requires_grad=True)
+    bias = torch.randn(6, device=device, requires_grad=True)
+    out = ops.gather_project(table, index, weight, bias, scale=2.0, shift=5.0)
+    empty = index < 0
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert out[0, 1].abs().sum() > 0
+    # A gradient that lands only on empty slots reaches no parameter.
+    grad_out = torch.where(empty.unsqueeze(-1), torch.ones_like(out), torch.zeros_like(out))
+    grad_weight, grad_bias = torch.autograd.grad(out, (weight, bias), grad_out)
+    assert torch.equal(grad_weight, torch.zeros_like(grad_weight))
+    assert torch.equal(grad_bias, torch.zeros_like(grad_bias))
+
+
+def test_all_slots_empty(device):
+    table = make_table(5, 8, torch.float32, device)
+    index = torch.full((3, 4), -1, dtype=torch.int64, device=device)
+    weight = torch.randn(2, 8, device=device, requires_grad=True)
+    out = ops.gather_project(table, index, weight)
+    assert torch.equal(out, torch.zeros(3, 4, 2, device=device))
+    (grad_weight,) = torch.autograd.grad(out.sum(), (weight,))
+    assert torch.equal(grad_weight, torch.zeros_like(grad_weight))
+
+
+def test_repeated_rows_scatter_add_into_the_table_gradient(device):
+    table = torch.randn(6, 16, device=device, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 16, device=device, dtype=torch.float64)
+    index = torch.tensor([[2, 2, 2], [2, -1, 5]], device=device)
+    out = ops.gather_project(table, index, weight, scale=3.0)
+    (grad_table,) = torch.autograd.grad(out.sum(), (table,))
+    # Row 2 is named by four slots, row 5 by one, the rest by none.
+    torch.testing.assert_close(grad_table[2], 4 * 3.0 * weight.sum(0))
+    torch.testing.assert_close(grad_table[5], 3.0 * weight.sum(0))
+    assert torch.equal(grad_table[[0, 1, 3, 4]], torch.zeros(4, 16, dtype=torch.float64, device=device))
+
+
+def test_non_contiguous_inputs(device):
+    table = torch.randn(50, 64, device=device).t()  # (64, 50), column-major
+    index = make_index(4, 12, 64, device)[:, ::2]  # strided
+    weight = torch.randn(50, 9, device=device).t()  # (9, 50), transposed
+    bias = torch.randn(18, device=device)[::2]
+    assert not (table.is_contiguous() or index.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
+    (out, grads), (ref_out, ref_grads) = run_both(table, index, weight, bias, 1.0, 0.0, grad_table=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_many_column_blocks(device):
+    # 700 unique rows x 3,000 columns exceeds one CPU block (1 M elements), so
+    # the projection runs over several column blocks, the last one partial.
+    table = make_table(900, 3000, torch.uint8, device)
+    index = torch.randperm(900, device=device)[:700].reshape(35, 20)
+    weight = torch.randn(16, 3000, device=device) * 0.01
+    (out, grads), (ref_out, ref_grads) = run_both(table, index, weight, None, 1 / 255, 0.0)
+    torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[0], ref_grads[0], atol=2e-3, rtol=1e-4)
+
+
+def test_gradcheck_float64(device):
+    table = torch.randn(9, 7, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    index = torch.tensor([[0, 3, -1, 3], [8, 8, 1, -1]], device=device)
+    assert torch.autograd.gradcheck(
+        lambda t, w, b: ops.gather_project(t, index, w, b, scale=0.5, shift=0.25), (table, weight, bias)
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def inputs(device="cpu"):
+    return (
+        torch.zeros(10, 4, dtype=torch.uint8, device=device),
+        torch.zeros(2, 3, dtype=torch.int64, device=device),
+        torch.zeros(5, 4, device=device),
+    )
+
+
+def test_index_out_of_range_names_the_index_and_T():
+    table, index, weight = inputs()
+    index[1, 2] = 10
+    with pytest.raises(RuntimeError, match=r"index holds 10 at position \(1, 2\) but table has T=10 rows"):
+        ops.gather_project(table, index, weight)
+
+
+def test_index_below_minus_one_is_rejected():
+    table, index, weight = inputs()
+    index[0, 0] = -3
+    with pytest.raises(RuntimeError, match=r"index holds -3 at position \(0, 0\).*expected -1 \(empty slot\) or 0..9"):
+        ops.gather_project(table, index, weight)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, i, w: (t[None], i, w), r"table must be 2-D \(T, D\), got shape \[1, 10, 4\]"),
+        (lambda t, i, w: (t.int(), i, w), r"table must be uint8, float16, bfloat16, float32 or float64, got Int"),
+        (lambda t, i, w: (t, i.int(), w), r"index must be int64, got Int"),
+        (lambda t, i, w: (t, i[0], w), r"index must be 2-D \(B, S\) of row numbers, got shape \[3\]"),
+        (lambda t, i, w: (t, i, w[:, :3]), r"weight has shape \[5, 3\] but table has D=4 columns; expected weight \(P, 4\)"),
+        (lambda t, i, w: (t, i, w.long()), r"weight must be float32, float64, float16 or bfloat16, got Long"),
+    ],
+)
+def test_bad_input_messages(change, message):
+    table, index, weight = change(*inputs())
+    with pytest.raises(RuntimeError, match=message):
+        ops.gather_project(table, index, weight)
+
+
+def test_bad_bias_message():
+    table, index, weight = inputs()
+    with pytest.raises(RuntimeError, match=r"bias has shape \[4\]; expected \(5,\) to match weight \(P, D\)"):
+        ops.gather_project(table, index, weight, torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"bias has dtype Half but weight has dtype Float"):
+        ops.gather_project(table, index, weight, torch.zeros(5, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test skipped: no CUDA GPU on this machine")
+def test_device_mismatch_message():
+    table, index, weight = inputs()
+    with pytest.raises(RuntimeError, match=r"weight is on cuda:0 but table is on cpu"):
+        ops.gather_project(table, index, weight.cuda())
