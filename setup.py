@@ -4,6 +4,8 @@ The extension is a CUDAExtension when torch has CUDA and nvcc is found, a
 CppExtension otherwise. Environment:
 
     GIBLET_CUDA=0            CPU kernels only (fast local iteration)
+    GIBLET_SKIP_EXT=1        install the Python packages only (the Makefile then builds
+                             the extension in place, so ninja can rebuild incrementally)
     GIBLET_CUDA=1            require the CUDA kernels (fail if nvcc is missing)
     TORCH_CUDA_ARCH_LIST     GPU architectures; default "8.0;9.0" when no GPU is visible
     MAX_JOBS                 parallel compile jobs (ninja)
@@ -109,7 +111,7 @@ def main():
         description="A multimodal autoencoder whose middle layer is the brain: fMRI encoding and lesioning on movies",
         packages=["giblet", "giblet_cli"],
         package_dir={"giblet": "giblet", "giblet_cli": "cli"},
-        ext_modules=[extension()],
+        ext_modules=[] if os.environ.get("GIBLET_SKIP_EXT") == "1" else [extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
         install_requires=["torch", "numpy", "typer", "rich", "psutil"],

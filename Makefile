@@ -1,0 +1,57 @@
+# giblet: `make demo` sets everything up and runs the demo; `make test` runs the tests.
+#
+#   make install   .venv with pinned requirements (torch 2.14.1) + the native extension
+#   make build     rebuild the extension in place (incremental: seconds after editing one kernel)
+#   make test      pytest + the native ctest suite (CPU; CUDA tests skip without a GPU)
+#   make bench     `giblet bench` at Sherlock sizes, then the pytest-benchmark suite
+#   make demo      validate + a quick bench
+#
+# GIBLET_CUDA=0 builds CPU kernels only (fast local iteration); by default the
+# CUDA kernels are compiled too when torch has CUDA and nvcc is found.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+JOBS ?= $(shell nproc)
+export MAX_JOBS ?= $(JOBS)
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+
+.PHONY: install build test test-python test-native bench demo cuda-compile clean
+
+install: $(VENV)/.installed build
+
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -r requirements.txt
+	GIBLET_SKIP_EXT=1 $(BIN)/pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+	$(BIN)/python setup.py build_ext --inplace
+
+test: test-python test-native
+
+test-python: build
+	$(BIN)/python -m pytest tests
+
+test-native: $(VENV)/.installed
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(BIN)/python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j $(JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: build
+	$(BIN)/giblet bench --json build/bench.json
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
+
+demo: build
+	$(BIN)/giblet validate
+	$(BIN)/giblet bench --repeats 3
+
+# Compile the CUDA kernels even without a GPU (CI has nvcc but no GPU).
+cuda-compile: $(VENV)/.installed
+	GIBLET_CUDA=1 $(BIN)/python setup.py build_ext --inplace
+
+clean:
+	rm -rf build giblet/_C*.so

@@ -1,0 +1,153 @@
+"""The ``giblet`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="giblet",
+    help="Learn how each part of the brain sees a movie: a multimodal autoencoder whose layer 7 is the fMRI response.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+# Targets of the native ops on a CPU, checked by `giblet bench --check`:
+# (case, baseline, measure, bound, meaning).
+TARGETS = [
+    ("gather_project", "reference", "speedup", 1.3, "at least 1.3x faster than the reference"),
+    ("gather_project", "reference", "memory", 1 / 8, "at most 1/8 of the reference's peak extra memory"),
+    ("gather_project", "torch.mm", "speedup", 0.8, "at least 80% of the speed of torch.mm on pre-gathered input"),
+    ("bottleneck[0% lesioned]", "F.linear*mask", "speedup", 1.0, "never slower than unfused F.linear + mask"),
+    ("bottleneck[10% lesioned]", "F.linear*mask", "speedup", 1.05, "at least 1.05x faster with 10% lesioned"),
+    ("resample_codes", "numpy loop", "speedup", 20.0, "at least 20x faster than a loop over TRs"),
+]
+
+
+def _build_table(info: dict) -> Table:
+    table = Table(title="giblet build", show_header=False)
+    table.add_row("extension", info["extension"])
+    table.add_row("torch", f"{info['torch']} (CUDA {info['torch_cuda'] or 'none'})")
+    table.add_row("CPU kernels", "yes" if info["cpu_kernels"] else "NO")
+    table.add_row("CUDA kernels", "yes" if info["cuda_kernels"] else "no (CPU-only build)")
+    gpu = info["device_name"] or "none visible"
+    table.add_row("GPU", gpu)
+    table.add_row("CPU", f"{info['cpu_capability']}, {info['threads']} threads")
+    return table
+
+
+@app.command()
+def validate() -> None:
+    """Check giblet before spending GPU time: the native build, and every op against its reference."""
+    from giblet import ops
+    from giblet.validate import check_ops
+
+    console.print(_build_table(ops.build_info()))
+    checks = check_ops()
+    table = Table(title="native ops vs reference (forward and backward)")
+    for column in ("op", "device", "max |error|", "tolerance", "result"):
+        table.add_column(column)
+    for check in checks:
+        verdict = "[green]PASS[/green]" if check.passed else "[red]FAIL[/red]"
+        table.add_row(check.op, check.device, f"{check.max_error:.2e}", f"{check.tolerance:.0e}", verdict)
+    console.print(table)
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(checks)} checks failed[/red]: " + ", ".join(f"{c.op} on {c.device}" for c in failed))
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(checks)} checks passed[/green]")
+
+
+def _mb(value: Optional[int]) -> str:
+    return "-" if value is None else f"{value / 2**20:,.1f}"
+
+
+@app.command()
+def bench(
+    size: str = typer.Option("sherlock", help="Problem sizes: sherlock (the real dataset's) or small."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    repeats: int = typer.Option(7, min=1, help="Timed calls per variant; the median is reported."),
+    case: Optional[List[str]] = typer.Option(None, help="Only these cases (repeatable); default all."),
+    memory: bool = typer.Option(True, help="Measure peak extra memory (CPU: one fresh process per variant)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows and ratios as JSON here."),
+    check: bool = typer.Option(False, help="Exit 1 if a CPU target is missed (targets are for sherlock sizes)."),
+) -> None:
+    """Time the native ops against their baselines (forward + backward, median) and measure peak extra memory."""
+    import torch
+
+    from giblet import ops
+    from giblet.bench import SIZES, run_benchmarks
+
+    if size not in SIZES:
+        raise typer.BadParameter(f"unknown size {size!r}; expected one of {', '.join(SIZES)}", param_hint="--size")
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"unknown device {device!r}; expected cpu or cuda", param_hint="--device")
+    if device == "cuda" and not (torch.cuda.is_available() and ops.build_info()["cuda_kernels"]):
+        console.print("[red]--device cuda needs a visible GPU and a build with CUDA kernels (see `giblet validate`)[/red]")
+        raise typer.Exit(1)
+    info = ops.build_info()
+    where = info["device_name"] if device == "cuda" else f"CPU ({info['cpu_capability']}, {info['threads']} threads)"
+    with console.status("benchmarking") as status:
+        rows = run_benchmarks(size, device, repeats, case, memory, progress=lambda text: status.update(f"benchmarking {text}"))
+
+    table = Table(title=f"giblet bench: {size} sizes on {where}, torch {info['torch']}, median of {repeats}")
+    for column in ("case", "variant", "median ms", "giblet speed-up", "peak extra MB", "giblet memory ratio"):
+        table.add_column(column, justify="right" if column not in ("case", "variant") else "left")
+    fused = {r.case: r for r in rows if r.variant == "giblet"}
+    ratios = {}
+    for row in rows:
+        base = fused[row.case]
+        speedup = memory_ratio = None
+        if row.variant != "giblet":
+            speedup = row.median_s / base.median_s
+            if row.peak_extra_bytes and base.peak_extra_bytes is not None:
+                memory_ratio = base.peak_extra_bytes / row.peak_extra_bytes
+            ratios[(row.case, row.variant)] = {"speedup": speedup, "memory": memory_ratio}
+        table.add_row(
+            row.case if row.variant == "giblet" else "",
+            row.variant,
+            f"{row.median_s * 1e3:,.2f}",
+            "" if speedup is None else f"{speedup:.2f}x",
+            _mb(row.peak_extra_bytes),
+            "" if memory_ratio is None else f"{memory_ratio:.3f}",
+        )
+    console.print(table)
+    for case_name in {r.case: r for r in rows}:
+        console.print(f"  {case_name}: {fused[case_name].description}")
+
+    missed = []
+    if device == "cpu" and size == "sherlock":
+        for case_name, baseline, measure, bound, meaning in TARGETS:
+            value = ratios.get((case_name, baseline), {}).get(measure)
+            if value is None:
+                continue
+            ok = value <= bound if measure == "memory" else value >= bound
+            shown = f"{value:.3f}" if measure == "memory" else f"{value:.2f}x"
+            console.print(f"  {'[green]met[/green]   ' if ok else '[red]missed[/red]'} {case_name}: {meaning} ({shown})")
+            if not ok:
+                missed.append(f"{case_name}: {meaning}")
+    if json_out:
+        payload = {
+            "size": size,
+            "device": where,
+            "torch": info["torch"],
+            "repeats": repeats,
+            "rows": [r.__dict__ for r in rows],
+            "ratios": [{"case": c, "baseline": b, **v} for (c, b), v in ratios.items()],
+            "missed_targets": missed,
+        }
+        json_out.write_text(json.dumps(payload, indent=2))
+        console.print(f"wrote {json_out}")
+    if check and missed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
