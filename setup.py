@@ -103,6 +103,9 @@ def extension():
 
 
 def main():
+    skip_extension = os.environ.get("GIBLET_SKIP_EXT") == "1"
+    # extension() settles CUDA_HOME, which cpp_extension reads when first imported.
+    ext_modules = [] if skip_extension else [extension()]
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
@@ -111,7 +114,7 @@ def main():
         description="A multimodal autoencoder whose middle layer is the brain: fMRI encoding and lesioning on movies",
         packages=["giblet", "giblet_cli"],
         package_dir={"giblet": "giblet", "giblet_cli": "cli"},
-        ext_modules=[] if os.environ.get("GIBLET_SKIP_EXT") == "1" else [extension()],
+        ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
         install_requires=["torch", "numpy", "typer", "rich", "psutil"],

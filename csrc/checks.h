@@ -85,6 +85,11 @@ inline void check_grid(const char* op, double rate, const at::Tensor& onsets, do
   check_dim(op, "onsets", onsets, 1, "(N,) of window onsets in seconds");
   TORCH_CHECK(onsets.scalar_type() == at::kDouble, op, ": onsets must be float64 seconds, got ",
               onsets.scalar_type());
+  auto finite = at::isfinite(onsets);
+  if (!finite.all().item<bool>()) {
+    const int64_t i = (~finite).nonzero()[0][0].item<int64_t>();
+    TORCH_CHECK(false, op, ": onsets must be finite seconds, got onsets[", i, "] = ", onsets[i].item<double>());
+  }
 }
 
 inline void check_resample_codes(const at::Tensor& codes, const at::Tensor& onsets) {
@@ -96,6 +101,16 @@ inline void check_resample_codes(const at::Tensor& codes, const at::Tensor& onse
   TORCH_CHECK(st == at::kLong || st == at::kInt || st == at::kShort, op, ": codes must be int16, int32 or int64, got ",
               st);
   check_same_device(op, "onsets", onsets, codes, "codes");
+}
+
+inline void check_grid_average_backward(const at::Tensor& grad_out, int64_t n_samples, const at::Tensor& onsets,
+                                        int64_t n_out) {
+  const char* op = "grid_average_backward";
+  TORCH_CHECK(n_samples >= 0, op, ": n_samples must be >= 0, got ", n_samples);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == onsets.size(0) && grad_out.size(1) == n_out, op,
+              ": grad_out has shape ", shape_str(grad_out), "; expected (", onsets.size(0), ", ", n_out, ", C)");
+  check_float_dtype(op, "grad_out", grad_out);
+  check_same_device(op, "onsets", onsets, grad_out, "grad_out");
 }
 
 inline void check_grid_average(const at::Tensor& values, const at::Tensor& onsets) {
@@ -136,6 +151,24 @@ inline void check_bottleneck(const at::Tensor& x, const at::Tensor& weight, cons
     TORCH_CHECK(mask->dim() == 1 && mask->size(0) == V, op, ": mask has shape ", shape_str(*mask), "; expected (", V,
                 ",), one entry per unit");
   }
+}
+
+// The arguments of bottleneck_backward that bottleneck did not already check.
+inline void check_bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& pre, Activation act) {
+  const int64_t B = x.size(0), V = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == V,
+              "bottleneck_backward: grad_out has shape ", shape_str(grad_out), "; expected (", B, ", ", V, ")");
+  check_same_device("bottleneck_backward", "grad_out", grad_out, x, "x");
+  // The kernels read pre elementwise beside grad_out: a wrong one would be
+  // read out of bounds, not just give a wrong gradient.
+  if (act == Activation::identity) return;
+  TORCH_CHECK(pre.dim() == 2 && pre.size(0) == B && pre.size(1) == V, "bottleneck_backward: pre has shape ",
+              shape_str(pre), "; expected (", B, ", ", V, "), the pre-activation that bottleneck returned");
+  const auto expected = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(pre.scalar_type() == expected, "bottleneck_backward: pre has dtype ", pre.scalar_type(), "; expected ",
+              expected);
+  check_same_device("bottleneck_backward", "pre", pre, x, "x");
 }
 
 // Accumulation type of the projections: double for double, float otherwise.

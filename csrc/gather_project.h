@@ -111,7 +111,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_im
 
   auto grad_bias = row_grad.sum(0).to(weight.scalar_type());
   auto grad_weight = at::zeros({P, D}, weight.options().dtype(ct));
-  auto grad_table = table_requires_grad ? at::zeros_like(table) : at::empty({0}, table.options());
+  // Contiguous whatever the table's strides, as the fake kernel promises.
+  auto grad_table = table_requires_grad ? at::zeros(table.sizes(), table.options()) : at::empty({0}, table.options());
   if (U > 0) {
     const int64_t cols = block_columns(U, D, budget_elems);
     auto buffer = at::empty({U, cols}, weight.options().dtype(ct));

@@ -33,9 +33,11 @@ C10_HOST_DEVICE inline void grid_interval(double onset, int64_t k, double window
 // sample that overlap [start, stop), clipped to [0, n_samples).
 C10_HOST_DEVICE inline void grid_overlap_range(double start, double stop, double rate, int64_t n_samples,
                                                int64_t* first, int64_t* last) {
+  // Clipped before the integer conversion, which is undefined out of range.
+  const double n = static_cast<double>(n_samples);
   double lo = floor(start * rate), hi = ceil(stop * rate);
-  lo = lo < 0.0 ? 0.0 : lo;
-  hi = hi > static_cast<double>(n_samples) ? static_cast<double>(n_samples) : hi;
+  lo = lo < 0.0 ? 0.0 : (lo > n ? n : lo);
+  hi = hi < 0.0 ? 0.0 : (hi > n ? n : hi);
   *first = static_cast<int64_t>(lo);
   *last = hi > lo ? static_cast<int64_t>(hi) : *first;
 }

@@ -131,3 +131,9 @@ def test_bad_input_messages(make, message):
     x, weight = torch.zeros(2, 4), torch.zeros(3, 4)
     with pytest.raises(RuntimeError, match=message):
         ops.bottleneck(*make(x, weight))
+
+
+def test_backward_rejects_a_pre_activation_of_the_wrong_shape():
+    x, weight, grad_out = torch.zeros(4, 8), torch.zeros(5, 8), torch.zeros(4, 5)
+    with pytest.raises(RuntimeError, match=r"pre has shape \[4, 4\]; expected \(4, 5\), the pre-activation that bottleneck returned"):
+        torch.ops.giblet.bottleneck_backward(grad_out, x, weight, torch.zeros(4, 4), None, "gelu", True)

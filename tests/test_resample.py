@@ -130,6 +130,8 @@ def test_grid_average_gradcheck(device):
         (lambda: ops.grid_average(torch.zeros(10), 25.0, [0.0], 1.0, 2), r"values must be 2-D \(T, C\) of feature frames, got shape \[10\]"),
         (lambda: ops.grid_average(torch.zeros(10, 2, dtype=torch.int64), 25.0, [0.0], 1.0, 2), r"values must be float32, float64, float16 or bfloat16, got Long"),
         (lambda: torch.ops.giblet.grid_index(10, 25.0, torch.zeros(2), 1.0, 2), r"onsets must be float64 seconds, got Float"),
+        (lambda: ops.grid_average(torch.zeros(10, 2), 25.0, [0.0, float("nan")], 1.0, 2), r"onsets must be finite seconds, got onsets\[1\] = nan"),
+        (lambda: ops.grid_index(10, 25.0, [float("inf")], 1.0, 2), r"onsets must be finite seconds, got onsets\[0\] = inf"),
     ],
 )
 def test_bad_grid_arguments(call, message):

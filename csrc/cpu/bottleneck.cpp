@@ -221,7 +221,10 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_gemm_forward(const at::Tensor& x, 
   }
   // where, not a product: a lesioned unit is 0 even if its weights are not finite.
   if (mask.has_value() && mask->defined()) y = at::where(*mask, y, at::zeros({}, y.options()));
+  // Lesioned units keep pre = 0, as on the streaming path and on CUDA.
   auto pre = act == Activation::identity ? at::empty({0}, z.options()) : z;
+  if (mask.has_value() && mask->defined() && act != Activation::identity)
+    pre = at::where(*mask, z, at::zeros({}, z.options()));
   return {y.to(x.scalar_type()), pre};
 }
 
@@ -238,8 +241,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cpu(const at::Tensor& x, const at:
 
 // grad of the pre-activation: grad_out * act'(pre) * mask, in acc dtype.
 at::Tensor pre_activation_grad(const at::Tensor& grad_out, const at::Tensor& pre, const c10::optional<at::Tensor>& mask,
-                               Activation act) {
-  const auto ct = compute_dtype(grad_out.scalar_type());
+                               Activation act, at::ScalarType ct) {
   auto g = grad_out.to(ct).contiguous();
   if (act != Activation::identity) {
     auto gp = at::empty_like(g);
@@ -320,10 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cpu(const at:
                                                                        bool bias_requires_grad) {
   check_bottleneck(x, weight, c10::nullopt, mask);
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
-              "bottleneck_backward: grad_out has shape ", shape_str(grad_out), "; expected (", x.size(0), ", ",
-              weight.size(0), ")");
-  auto grad_pre = pre_activation_grad(grad_out, pre, mask, act);
+  check_bottleneck_backward(grad_out, x, weight, pre, act);
+  auto grad_pre = pre_activation_grad(grad_out, pre, mask, act, compute_dtype(x.scalar_type()));
   auto grad_bias = bias_requires_grad ? grad_pre.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor grad_x, grad_weight;
   if (x.size(0) > kStreamMaxBatch) {

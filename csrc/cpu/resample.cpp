@@ -105,9 +105,7 @@ at::Tensor grid_average_cpu(const at::Tensor& values, double rate, const at::Ten
 at::Tensor grid_average_backward_cpu(const at::Tensor& grad_out, int64_t n_samples, double rate,
                                      const at::Tensor& onsets, double window, int64_t n_out) {
   check_grid("grid_average_backward", rate, onsets, window, n_out);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == onsets.size(0) && grad_out.size(1) == n_out,
-              "grid_average_backward: grad_out has shape ", shape_str(grad_out), "; expected (", onsets.size(0), ", ",
-              n_out, ", C)");
+  check_grid_average_backward(grad_out, n_samples, onsets, n_out);
   auto on = onsets.contiguous();
   auto g = grad_out.contiguous();
   const int64_t N = on.size(0), C = g.size(2);

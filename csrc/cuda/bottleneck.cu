@@ -154,19 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cuda(const at
                                                                         bool bias_requires_grad) {
   check_bottleneck(x, weight, c10::nullopt, mask);
   const Activation act = parse_activation(activation);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
-              "bottleneck_backward: grad_out has shape ", shape_str(grad_out), "; expected (", x.size(0), ", ",
-              weight.size(0), ")");
-  check_same_device("bottleneck_backward", "grad_out", grad_out, x, "x");
+  check_bottleneck_backward(grad_out, x, weight, pre, act);
   const auto ct = compute_dtype(x.scalar_type());
-  if (act != Activation::identity) {
-    // The kernel reads pre elementwise next to grad_out: a wrong one would be
-    // read out of bounds, not just give a wrong gradient.
-    check_same_device("bottleneck_backward", "pre", pre, x, "x");
-    TORCH_CHECK(pre.sizes() == grad_out.sizes() && pre.scalar_type() == ct, "bottleneck_backward: pre has shape ",
-                shape_str(pre), " and dtype ", pre.scalar_type(), "; expected (", x.size(0), ", ", weight.size(0),
-                ") ", ct, ", the pre output of bottleneck");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), V = weight.size(0);
 

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "../checks.h"
 #include "../grid.h"
@@ -149,16 +150,19 @@ at::Tensor grid_average_cuda(const at::Tensor& values, double rate, const at::Te
   return out;
 }
 
-// The transpose of grid_average: each cell scatters grad_out[cell] * w / total
-// onto the frames it overlaps. Cells overlap in frames (windows of consecutive
-// TRs share frames), hence the atomics, always in float32 or float64: the
-// result is correct to rounding but its last bits depend on the order of the
-// atomics.
-template <typename scalar_t, typename acc_t>
-__global__ void grid_average_backward_kernel(const scalar_t* __restrict__ grad_out, int64_t n_samples, int64_t C,
-                                             const double* __restrict__ onsets, int64_t n_cells, double rate,
-                                             double window, int64_t n_out, acc_t* __restrict__ acc) {
-  for (int64_t cell = blockIdx.x; cell < n_cells; cell += gridDim.x) {
+// The transpose of grid_average: frame t receives, from every cell that
+// overlaps it, grad_out[cell] * overlap / total. Cells share frames (windows
+// of consecutive TRs overlap), so instead of a scatter with atomics, whose
+// rounding would depend on their order, the contributions are listed as
+// (frame, cell, weight) entries, sorted by frame and gathered: each frame sums
+// its cells in increasing cell order, as the CPU kernel does, so the result is
+// deterministic and rounds as on the CPU.
+
+// Per cell: how many frames it contributes to (0 when it overlaps none).
+__global__ void grid_cell_span_kernel(const double* __restrict__ onsets, int64_t n_cells, int64_t n_samples,
+                                      double rate, double window, int64_t n_out, int64_t* __restrict__ n_frames) {
+  for (int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; cell < n_cells;
+       cell += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = cell / n_out, k = cell % n_out;
     double start, stop;
     int64_t first, last;
@@ -166,44 +170,102 @@ __global__ void grid_average_backward_kernel(const scalar_t* __restrict__ grad_o
     grid_overlap_range(start, stop, rate, n_samples, &first, &last);
     double total = 0.0;
     for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
-    if (total <= 0.0) continue;  // uniform across the block: no frame overlaps this cell
-    for (int64_t t = first; t < last; ++t) {
-      const acc_t w = static_cast<acc_t>(grid_overlap(t, start, stop, rate) / total);
-      if (w == acc_t(0)) continue;
-      for (int64_t c = threadIdx.x; c < C; c += blockDim.x)
-        atomicAdd(acc + t * C + c, mul_rn(w, static_cast<acc_t>(grad_out[cell * C + c])));
+    n_frames[cell] = total > 0.0 ? last - first : 0;
+  }
+}
+
+// Entries of each cell, from position end[cell] - n_frames[cell], in frame
+// order: the list is ordered by cell, then frame.
+template <typename acc_t>
+__global__ void grid_cell_entries_kernel(const double* __restrict__ onsets, int64_t n_cells, int64_t n_samples,
+                                         double rate, double window, int64_t n_out, const int64_t* __restrict__ n_frames,
+                                         const int64_t* __restrict__ end, int64_t* __restrict__ entry_frame,
+                                         int64_t* __restrict__ entry_cell, acc_t* __restrict__ entry_weight) {
+  for (int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; cell < n_cells;
+       cell += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (n_frames[cell] == 0) continue;
+    const int64_t i = cell / n_out, k = cell % n_out;
+    double start, stop;
+    int64_t first, last;
+    grid_interval(onsets[i], k, window, n_out, &start, &stop);
+    grid_overlap_range(start, stop, rate, n_samples, &first, &last);
+    double total = 0.0;
+    for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
+    int64_t e = end[cell] - (last - first);
+    for (int64_t t = first; t < last; ++t, ++e) {
+      entry_frame[e] = t;
+      entry_cell[e] = cell;
+      entry_weight[e] = static_cast<acc_t>(grid_overlap(t, start, stop, rate) / total);
     }
+  }
+}
+
+// grad_values[t, c] = sum over the entries of frame t (sorted stably by
+// frame, so in cell order) of weight * grad_out[cell, c].
+template <typename scalar_t, typename acc_t>
+__global__ void grid_average_backward_kernel(const scalar_t* __restrict__ grad_out, int64_t n_samples, int64_t C,
+                                             const int64_t* __restrict__ frame_begin,
+                                             const int64_t* __restrict__ order,
+                                             const int64_t* __restrict__ entry_cell,
+                                             const acc_t* __restrict__ entry_weight,
+                                             scalar_t* __restrict__ grad_values) {
+  const int64_t total = n_samples * C;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / C, c = idx % C;
+    acc_t sum = acc_t(0);
+    for (int64_t s = frame_begin[t]; s < frame_begin[t + 1]; ++s) {
+      const int64_t e = order[s];
+      const acc_t w = entry_weight[e];
+      if (w == acc_t(0)) continue;
+      sum = sum + mul_rn(w, static_cast<acc_t>(grad_out[entry_cell[e] * C + c]));
+    }
+    grad_values[idx] = static_cast<scalar_t>(sum);
   }
 }
 
 at::Tensor grid_average_backward_cuda(const at::Tensor& grad_out, int64_t n_samples, double rate,
                                       const at::Tensor& onsets, double window, int64_t n_out) {
   check_grid("grid_average_backward", rate, onsets, window, n_out);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == onsets.size(0) && grad_out.size(1) == n_out,
-              "grid_average_backward: grad_out has shape ", shape_str(grad_out), "; expected (", onsets.size(0), ", ",
-              n_out, ", C)");
-  // The kernel reads onsets on the device: a CPU onsets tensor must fail here.
-  check_same_device("grid_average_backward", "onsets", onsets, grad_out, "grad_out");
+  check_grid_average_backward(grad_out, n_samples, onsets, n_out);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   auto on = onsets.contiguous();
   auto g = grad_out.contiguous();
   const int64_t N = on.size(0), C = g.size(2);
   const int64_t n_cells = N * n_out;
-  const int threads = threads_for_channels(C);
-  at::Tensor grad_values;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  auto grad_values = at::zeros({n_samples, C}, g.options());
+  if (grad_values.numel() == 0 || n_cells == 0) return grad_values;
+
+  const auto long_options = on.options().dtype(at::kLong);
+  auto n_frames = at::empty({n_cells}, long_options);
+  grid_cell_span_kernel<<<blocks_for(n_cells), kThreads, 0, stream>>>(
+      on.const_data_ptr<double>(), n_cells, n_samples, rate, window, n_out, n_frames.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto end = at::cumsum(n_frames, 0);
+  const int64_t n_entries = end[-1].item<int64_t>();
+  if (n_entries == 0) return grad_values;  // no cell overlaps any frame
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grid_average_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // float16/bfloat16 accumulate in a float32 buffer, cast once at the end.
-    auto acc = at::zeros({n_samples, C}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    if (acc.numel() > 0 && n_cells > 0) {
-      at::globalContext().alertNotDeterministic("grid_average_backward_cuda");
-      grid_average_backward_kernel<scalar_t, acc_t>
-          <<<blocks_for_cells(n_cells), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              g.const_data_ptr<scalar_t>(), n_samples, C, on.const_data_ptr<double>(), n_cells, rate, window, n_out,
-              acc.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    grad_values = acc.scalar_type() == g.scalar_type() ? acc : acc.to(g.scalar_type());
+    auto entry_frame = at::empty({n_entries}, long_options);
+    auto entry_cell = at::empty({n_entries}, long_options);
+    auto entry_weight = at::empty({n_entries}, g.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    grid_cell_entries_kernel<acc_t><<<blocks_for(n_cells), kThreads, 0, stream>>>(
+        on.const_data_ptr<double>(), n_cells, n_samples, rate, window, n_out, n_frames.const_data_ptr<int64_t>(),
+        end.const_data_ptr<int64_t>(), entry_frame.mutable_data_ptr<int64_t>(),
+        entry_cell.mutable_data_ptr<int64_t>(), entry_weight.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Stable: the entries of one frame keep their cell order.
+    at::Tensor sorted_frame, order;
+    std::tie(sorted_frame, order) = at::sort(entry_frame, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    // Entries of frame t are sorted positions [frame_begin[t], frame_begin[t + 1]).
+    auto frame_begin = at::searchsorted(sorted_frame, at::arange(n_samples + 1, long_options));
+    grid_average_backward_kernel<scalar_t, acc_t><<<blocks_for(grad_values.numel()), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), n_samples, C, frame_begin.const_data_ptr<int64_t>(),
+        order.const_data_ptr<int64_t>(), entry_cell.const_data_ptr<int64_t>(), entry_weight.const_data_ptr<acc_t>(),
+        grad_values.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_values;
 }
