@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_stream_backward(const at::Tensor& 
       grad4(xs, ld, B, K, w, g.data(), gw, gx);
     }
   });
-  return {grad_x_parts.sum(0).narrow(1, 0, K), grad_weight};
+  return {grad_x_parts.sum(0).narrow(1, 0, K).contiguous(), grad_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cpu(const at::Tensor& grad_out,
