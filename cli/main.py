@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
+# Tables are wide: outside a terminal (CI logs, files) rich would wrap them at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 # Targets of the native ops on a CPU, checked by `giblet bench --check`:
 # (case, baseline, measure, bound, meaning).

@@ -13,13 +13,25 @@
 
 namespace giblet {
 
-// Index of the sample under the centre of sub-interval k of a window, or -1
-// when that sample is outside [0, n_samples).
-C10_HOST_DEVICE inline int64_t grid_sample_index(double onset, int64_t k, double window, int64_t n_out, double rate,
-                                                 int64_t n_samples) {
-  const double position = floor((onset + (k + 0.5) * window / n_out) * rate);
+// Seconds from a window's onset to the centre of its sub-interval k. The same
+// for every window: kernels compute it once per call (the division is the
+// costly part) and get bit-identical positions.
+C10_HOST_DEVICE inline double grid_centre_offset(int64_t k, double window, int64_t n_out) {
+  return (k + 0.5) * window / n_out;
+}
+
+// Index of the sample at onset + centre_offset seconds, or -1 outside [0, n_samples).
+C10_HOST_DEVICE inline int64_t grid_index_at(double onset, double centre_offset, double rate, int64_t n_samples) {
+  const double position = floor((onset + centre_offset) * rate);
   if (!(position >= 0.0) || position >= static_cast<double>(n_samples)) return -1;
   return static_cast<int64_t>(position);
+}
+
+// Index of the sample under the centre of sub-interval k of a window:
+// floor((onset + (k + 0.5) * window / n_out) * rate), or -1 outside.
+C10_HOST_DEVICE inline int64_t grid_sample_index(double onset, int64_t k, double window, int64_t n_out, double rate,
+                                                 int64_t n_samples) {
+  return grid_index_at(onset, grid_centre_offset(k, window, n_out), rate, n_samples);
 }
 
 // Sub-interval k of a window, in seconds: [start, stop).

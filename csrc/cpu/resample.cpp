@@ -15,6 +15,12 @@
 namespace giblet {
 namespace {
 
+std::vector<double> centre_offsets(double window, int64_t n_out) {
+  std::vector<double> offsets(n_out);
+  for (int64_t k = 0; k < n_out; ++k) offsets[k] = grid_centre_offset(k, window, n_out);
+  return offsets;
+}
+
 at::Tensor grid_index_cpu(int64_t n_samples, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
   check_grid("grid_index", rate, onsets, window, n_out);
   TORCH_CHECK(n_samples >= 0, "grid_index: n_samples must be >= 0, got ", n_samples);
@@ -23,11 +29,36 @@ at::Tensor grid_index_cpu(int64_t n_samples, double rate, const at::Tensor& onse
   auto out = at::empty({N, n_out}, on.options().dtype(at::kLong));
   const double* o = on.const_data_ptr<double>();
   int64_t* dst = out.mutable_data_ptr<int64_t>();
+  const auto offsets = centre_offsets(window, n_out);
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      for (int64_t k = 0; k < n_out; ++k) dst[i * n_out + k] = grid_sample_index(o[i], k, window, n_out, rate, n_samples);
+      for (int64_t k = 0; k < n_out; ++k) dst[i * n_out + k] = grid_index_at(o[i], offsets[k], rate, n_samples);
   });
   return out;
+}
+
+// Grid positions of one window as runs of consecutive samples: 75 Hz codes
+// on a 112-slot grid are runs of ~112 consecutive codes, so each codebook row
+// is a few widening copies instead of 112 gathers.
+struct Run {
+  int64_t first_slot, n_slots, first_sample;  // first_sample -1: pad
+};
+
+void position_runs(const int64_t* positions, int64_t n_out, std::vector<Run>& runs) {
+  runs.clear();
+  for (int64_t k = 0; k < n_out; ++k) {
+    const int64_t p = positions[k];
+    if (!runs.empty()) {
+      Run& last = runs.back();
+      const bool pad_run = last.first_sample < 0 && p < 0;
+      const bool next_sample = last.first_sample >= 0 && p == last.first_sample + last.n_slots;
+      if (pad_run || next_sample) {
+        ++last.n_slots;
+        continue;
+      }
+    }
+    runs.push_back({k, 1, p < 0 ? -1 : p});
+  }
 }
 
 template <typename code_t>
@@ -37,15 +68,28 @@ void resample_codes_typed(const at::Tensor& codes, const double* onsets, int64_t
   const int64_t s0 = codes.stride(0), s1 = codes.stride(1);
   const code_t* src = codes.const_data_ptr<code_t>();
   int64_t* dst = out.mutable_data_ptr<int64_t>();
+  const auto offsets = centre_offsets(window, n_out);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> positions(n_out);
+    std::vector<Run> runs;
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t k = 0; k < n_out; ++k) positions[k] = grid_sample_index(onsets[i], k, window, n_out, rate, T);
+      for (int64_t k = 0; k < n_out; ++k) positions[k] = grid_index_at(onsets[i], offsets[k], rate, T);
+      position_runs(positions.data(), n_out, runs);
       for (int64_t q = 0; q < n_q; ++q) {
         int64_t* row = dst + (i * n_q + q) * n_out;
-        const code_t* codebook = src + q * s0;
-        for (int64_t k = 0; k < n_out; ++k)
-          row[k] = positions[k] < 0 ? pad : static_cast<int64_t>(codebook[positions[k] * s1]);
+        for (const Run& run : runs) {
+          int64_t* out_run = row + run.first_slot;
+          if (run.first_sample < 0) {
+            std::fill(out_run, out_run + run.n_slots, pad);
+          } else if (s1 == 1) {
+            const code_t* in = src + q * s0 + run.first_sample;
+#pragma omp simd
+            for (int64_t j = 0; j < run.n_slots; ++j) out_run[j] = static_cast<int64_t>(in[j]);
+          } else {
+            const code_t* in = src + q * s0 + run.first_sample * s1;
+            for (int64_t j = 0; j < run.n_slots; ++j) out_run[j] = static_cast<int64_t>(in[j * s1]);
+          }
+        }
       }
     }
   });
