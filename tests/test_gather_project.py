@@ -112,7 +112,7 @@ def test_non_contiguous_inputs(device):
 
 
 def test_many_column_blocks(device):
-    # 700 unique rows x 3,000 columns exceeds one CPU block (1 M elements), so
+    # 700 unique rows x 3,000 columns exceeds one CPU block (512 K elements), so
     # the projection runs over several column blocks, the last one partial.
     table = make_table(900, 3000, torch.uint8, device)
     index = torch.randperm(900, device=device)[:700].reshape(35, 20)

@@ -10,8 +10,9 @@
 namespace giblet {
 namespace {
 
-// Elements per buffer block: 1 M floats (4 MB) stays in the last-level cache.
-constexpr int64_t kCpuBlockElems = 1 << 20;
+// Elements per buffer block: 512 K floats (2 MB) stay in cache between the
+// gather and the GEMM (measured: 1, 2 and 4 M elements were no faster).
+constexpr int64_t kCpuBlockElems = 1 << 19;
 
 template <typename in_t, typename acc_t>
 void gather_rows_typed(const at::Tensor& table, const at::Tensor& rows, int64_t col0, int64_t cols, acc_t scale,
