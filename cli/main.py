@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -113,7 +114,7 @@ def bench(
                 memory_ratio = base.peak_extra_bytes / row.peak_extra_bytes
             ratios[(row.case, row.variant)] = {"speedup": speedup, "memory": memory_ratio}
         table.add_row(
-            row.case if row.variant == "giblet" else "",
+            escape(row.case) if row.variant == "giblet" else "",
             row.variant,
             f"{row.median_s * 1e3:,.2f}",
             "" if speedup is None else f"{speedup:.2f}x",
@@ -122,7 +123,7 @@ def bench(
         )
     console.print(table)
     for case_name in {r.case: r for r in rows}:
-        console.print(f"  {case_name}: {fused[case_name].description}")
+        console.print(f"  {escape(case_name)}: {fused[case_name].description}")
 
     missed = []
     if device == "cpu" and size == "sherlock":
@@ -132,7 +133,7 @@ def bench(
                 continue
             ok = value <= bound if measure == "memory" else value >= bound
             shown = f"{value:.3f}" if measure == "memory" else f"{value:.2f}x"
-            console.print(f"  {'[green]met[/green]   ' if ok else '[red]missed[/red]'} {case_name}: {meaning} ({shown})")
+            console.print(f"  {'[green]met[/green]   ' if ok else '[red]missed[/red]'} {escape(case_name)}: {meaning} ({shown})")
             if not ok:
                 missed.append(f"{case_name}: {meaning}")
     if json_out:

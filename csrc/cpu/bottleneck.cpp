@@ -294,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cpu(const at::Tensor& x, const at:
   });
 }
 
-// grad of the pre-activation: grad_out * act'(pre) * mask, in acc dtype.
+// GEMM path: grad of the pre-activation, grad_out * act'(pre) * mask, in acc dtype.
 at::Tensor pre_activation_grad(const at::Tensor& grad_out, const at::Tensor& pre, const c10::optional<at::Tensor>& mask,
                                Activation act, at::ScalarType ct) {
   auto g = grad_out.to(ct).contiguous();
@@ -315,18 +315,25 @@ at::Tensor pre_activation_grad(const at::Tensor& grad_out, const at::Tensor& pre
   return g;
 }
 
+// Returns (grad_x, grad_weight, grad_bias) in acc dtype. The gradient of the
+// pre-activation is formed per visited row from grad_out and pre, so no
+// (B, V) intermediate is written and lesioned rows are never touched.
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> bottleneck_stream_backward(const at::Tensor& grad_pre, const at::Tensor& x_in,
-                                                              const at::Tensor& weight_in,
-                                                              const c10::optional<at::Tensor>& mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_stream_backward(const at::Tensor& grad_out_in,
+                                                                          const at::Tensor& pre_in,
+                                                                          const at::Tensor& x_in,
+                                                                          const at::Tensor& weight_in,
+                                                                          const c10::optional<at::Tensor>& mask,
+                                                                          Activation act) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = x_in.size(0), K = x_in.size(1), V = weight_in.size(0);
   auto weight = weight_in.contiguous();
   at::Tensor x = padded_rows<acc_t>(x_in);
   const int64_t ld = x.size(1);
-  // grad_pre transposed so that the B values of one unit are adjacent.
-  auto gp_t = grad_pre.t().contiguous();
-  auto grad_weight = at::empty({V, K}, weight.options().dtype(grad_pre.scalar_type()));
+  at::Tensor grad_out = grad_out_in.to(x.scalar_type()).contiguous();
+  at::Tensor pre = act == Activation::identity ? at::Tensor() : pre_in.contiguous();
+  auto grad_weight = at::empty({V, K}, x.options());
+  auto grad_bias = at::zeros({V}, x.options());
 
   const auto rows = active_rows(mask, V);
   if (static_cast<int64_t>(rows.size()) < V) {
@@ -344,8 +351,10 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_stream_backward(const at::Tensor& 
   auto grad_x_parts = at::zeros({n_threads, B, ld}, x.options());
   const acc_t* xs = x.const_data_ptr<acc_t>();
   const scalar_t* ws = weight.const_data_ptr<scalar_t>();
-  const acc_t* gps = gp_t.const_data_ptr<acc_t>();
+  const acc_t* go = grad_out.const_data_ptr<acc_t>();
+  const acc_t* zs = pre.defined() ? pre.const_data_ptr<acc_t>() : nullptr;
   acc_t* gws = grad_weight.mutable_data_ptr<acc_t>();
+  acc_t* gbs = grad_bias.mutable_data_ptr<acc_t>();
   acc_t* gx_parts = grad_x_parts.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, n_groups, 16, [&](int64_t g0, int64_t g1) {
@@ -360,14 +369,26 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_stream_backward(const at::Tensor& 
       const int64_t count = std::min<int64_t>(kRowGroup, static_cast<int64_t>(rows.size()) - first);
       load_rows<scalar_t, acc_t>(ws, K, rows.data() + first, count, scratch.data(), w, zeros.data());
       for (int64_t r = 0; r < kRowGroup; ++r) {
-        const bool real = r < count;
-        gw[r] = real ? gws + rows[first + r] * K : sink.data();
-        for (int64_t b = 0; b < B; ++b) g[b * kRowGroup + r] = real ? gps[rows[first + r] * B + b] : acc_t(0);
+        if (r >= count) {
+          gw[r] = sink.data();
+          for (int64_t b = 0; b < B; ++b) g[b * kRowGroup + r] = acc_t(0);
+          continue;
+        }
+        const int64_t v = rows[first + r];
+        gw[r] = gws + v * K;
+        acc_t bias_sum = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          acc_t grad = go[b * V + v];
+          if (zs) grad *= activation_slope(zs[b * V + v], act);
+          g[b * kRowGroup + r] = grad;
+          bias_sum += grad;
+        }
+        gbs[v] = bias_sum;
       }
       grad4(xs, ld, B, K, w, g.data(), gw, gx);
     }
   });
-  return {grad_x_parts.sum(0).narrow(1, 0, K).contiguous(), grad_weight};
+  return {grad_x_parts.sum(0).narrow(1, 0, K).contiguous(), grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cpu(const at::Tensor& grad_out,
@@ -379,19 +400,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cpu(const at:
   check_bottleneck(x, weight, c10::nullopt, mask);
   const Activation act = parse_activation(activation);
   check_bottleneck_backward(grad_out, x, weight, pre, act);
-  auto grad_pre = pre_activation_grad(grad_out, pre, mask, act, compute_dtype(x.scalar_type()));
-  auto grad_bias = bias_requires_grad ? grad_pre.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
-  at::Tensor grad_x, grad_weight;
+  at::Tensor grad_x, grad_weight, grad_bias;
   if (x.size(0) > kStreamMaxBatch) {
-    const auto ct = grad_pre.scalar_type();
+    const auto ct = compute_dtype(x.scalar_type());
+    auto grad_pre = pre_activation_grad(grad_out, pre, mask, act, ct);
     grad_x = at::mm(grad_pre, weight.to(ct));
     grad_weight = at::mm(grad_pre.t(), x.to(ct));
+    grad_bias = grad_pre.sum(0);
   } else {
-    std::tie(grad_x, grad_weight) =
+    std::tie(grad_x, grad_weight, grad_bias) =
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bottleneck_backward_cpu", [&] {
-          return bottleneck_stream_backward<scalar_t>(grad_pre, x, weight, mask);
+          return bottleneck_stream_backward<scalar_t>(grad_out, pre, x, weight, mask, act);
         });
   }
+  grad_bias = bias_requires_grad ? grad_bias.to(x.scalar_type()) : at::empty({0}, x.options());
   return {grad_x.to(x.scalar_type()), grad_weight.to(x.scalar_type()), grad_bias};
 }
 
