@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -72,10 +73,20 @@ def _mb(value: Optional[int]) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f}"
 
 
+class BenchSize(str, Enum):
+    sherlock = "sherlock"
+    small = "small"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @app.command()
 def bench(
-    size: str = typer.Option("sherlock", help="Problem sizes: sherlock (the real dataset's) or small."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    size: BenchSize = typer.Option(BenchSize.sherlock, help="Problem sizes: the Sherlock dataset's, or small ones."),
+    device: Device = typer.Option(Device.cpu, help="Where the ops run."),
     repeats: int = typer.Option(7, min=1, help="Timed calls per variant; the median is reported."),
     case: Optional[List[str]] = typer.Option(None, help="Only these cases (repeatable); default all."),
     memory: bool = typer.Option(True, help="Measure peak extra memory (CPU: one fresh process per variant)."),
@@ -88,10 +99,8 @@ def bench(
     from giblet import ops
     from giblet.bench import SIZES, run_benchmarks
 
-    if size not in SIZES:
-        raise typer.BadParameter(f"unknown size {size!r}; expected one of {', '.join(SIZES)}", param_hint="--size")
-    if device not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"unknown device {device!r}; expected cpu or cuda", param_hint="--device")
+    size, device = size.value, device.value
+    assert set(SIZES) == {s.value for s in BenchSize}
     if device == "cuda" and not (torch.cuda.is_available() and ops.build_info()["cuda_kernels"]):
         console.print("[red]--device cuda needs a visible GPU and a build with CUDA kernels (see `giblet validate`)[/red]")
         raise typer.Exit(1)
