@@ -1,7 +1,8 @@
 """Benchmarks of the native ops against their baselines, at Sherlock's sizes.
 
-Each case times forward + backward (median of repeats, after a warm-up) of
-giblet's op and of one or more baselines on identical inputs, and measures the
+Each case times forward + backward (median of repeats, after a warm-up; the
+variants take turns) of giblet's op and of one or more baselines on identical
+inputs, and measures the
 peak extra memory of each:
 
 * CPU: in a fresh process (``python -m giblet.bench --probe``) with glibc's
@@ -197,17 +198,23 @@ CASES = {
 }
 
 
-def time_median(run: Run, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``run`` over ``repeats`` calls, after one warm-up call."""
-    run()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_medians(runs: List[Run], device: torch.device, repeats: int) -> List[float]:
+    """Median seconds of each run over ``repeats`` calls, after one warm-up call each.
+
+    The runs take turns (round-robin), so a slow spell of the machine falls on
+    every variant alike instead of on whichever was being timed.
+    """
+    for run in runs:
         run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _sync(device)
+    times: List[List[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def _bytes(tensors: List[torch.Tensor]) -> int:
@@ -276,10 +283,12 @@ def run_benchmarks(
         if name not in CASES:
             raise ValueError(f"unknown benchmark case {name!r}; expected one of {', '.join(CASES)}")
         case = CASES[name](SIZES[size_name], dev)
-        for variant in case.variants:
-            if progress:
-                progress(f"{name}: {variant.name}")
-            seconds = time_median(variant.run, dev, repeats)
+        if progress:
+            progress(f"{name}: timing")
+        medians = time_medians([variant.run for variant in case.variants], dev, repeats)
+        for variant, seconds in zip(case.variants, medians):
+            if progress and memory:
+                progress(f"{name}: memory of {variant.name}")
             extra = peak_extra(name, variant.name, size_name, dev) if memory and variant.measure_memory else None
             rows.append(Row(name, case.description, variant.name, seconds, extra))
         del case
