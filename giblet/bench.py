@@ -1,7 +1,7 @@
 """Benchmarks of the native ops against their baselines, at Sherlock's sizes.
 
-Each case times forward + backward (median of repeats, after a warm-up; the
-variants take turns) of giblet's op and of one or more baselines on identical
+Each case times forward + backward (median of the timed calls; see
+``time_medians``) of giblet's op and of one or more baselines on identical
 inputs, and measures the
 peak extra memory of each:
 
@@ -198,22 +198,33 @@ CASES = {
 }
 
 
-def time_medians(runs: List[Run], device: torch.device, repeats: int) -> List[float]:
-    """Median seconds of each run over ``repeats`` calls, after one warm-up call each.
+PASSES = 2
 
-    The runs take turns (round-robin), so a slow spell of the machine falls on
-    every variant alike instead of on whichever was being timed.
+
+def timed_calls(repeats: int) -> int:
+    """Timed calls per variant: ``repeats`` rounded up to whole passes."""
+    return -(-repeats // PASSES) * PASSES
+
+
+def time_medians(runs: List[Run], device: torch.device, repeats: int) -> List[float]:
+    """Median seconds of each run over ``timed_calls(repeats)`` timed calls.
+
+    Each run is timed in consecutive calls after a warm-up call, as an op runs
+    step after step in training (allocator and caches warm), and the variants
+    take turns in PASSES blocks (A B C, A B C), so a slow spell of the
+    machine does not fall on one variant only.
     """
-    for run in runs:
-        run()
-    _sync(device)
+    per_pass = timed_calls(repeats) // PASSES
     times: List[List[float]] = [[] for _ in runs]
-    for _ in range(repeats):
+    for _ in range(PASSES):
         for run, spent in zip(runs, times):
-            start = time.perf_counter()
             run()
             _sync(device)
-            spent.append(time.perf_counter() - start)
+            for _ in range(per_pass):
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                spent.append(time.perf_counter() - start)
     return [statistics.median(spent) for spent in times]
 
 
