@@ -74,7 +74,7 @@ def extension():
     from torch.utils import cpp_extension
 
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    depends = sorted(glob.glob("csrc/*.h"))
+    depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/cuda/*.cuh"))
     # -ffp-contract=fast: a * b + c in the kernels compiles to one FMA (ISO C++ mode turns that off).
     cxx_flags = ["-O2", "-g0", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
     include_dirs = [os.path.join(HERE, "csrc")]

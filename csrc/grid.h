@@ -61,4 +61,23 @@ C10_HOST_DEVICE inline double grid_overlap(int64_t t, double start, double stop,
   return b > a ? b - a : 0.0;
 }
 
+// Cell (window i, sub-interval k) of the grid: its interval in seconds, the
+// samples [first, last) that overlap it, and their total overlap in seconds
+// (0 when none does), summed in sample order on every device.
+struct GridCell {
+  double start, stop;
+  int64_t first, last;
+  double total;
+};
+
+C10_HOST_DEVICE inline GridCell grid_cell(double onset, int64_t k, double window, int64_t n_out, double rate,
+                                          int64_t n_samples) {
+  GridCell cell;
+  grid_interval(onset, k, window, n_out, &cell.start, &cell.stop);
+  grid_overlap_range(cell.start, cell.stop, rate, n_samples, &cell.first, &cell.last);
+  cell.total = 0.0;
+  for (int64_t t = cell.first; t < cell.last; ++t) cell.total += grid_overlap(t, cell.start, cell.stop, rate);
+  return cell;
+}
+
 }  // namespace giblet

@@ -124,21 +124,15 @@ at::Tensor grid_average_cpu(const at::Tensor& values, double rate, const at::Ten
     at::parallel_for(0, N * n_out, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum(C);
       for (int64_t cell = begin; cell < end; ++cell) {
-        const int64_t i = cell / n_out, k = cell % n_out;
-        double start, stop;
-        int64_t first, last;
-        grid_interval(o[i], k, window, n_out, &start, &stop);
-        grid_overlap_range(start, stop, rate, T, &first, &last);
+        const GridCell g = grid_cell(o[cell / n_out], cell % n_out, window, n_out, rate, T);
         std::fill(sum.begin(), sum.end(), acc_t(0));
-        double total = 0.0;
-        for (int64_t t = first; t < last; ++t) {
-          const double w = grid_overlap(t, start, stop, rate);
+        for (int64_t t = g.first; t < g.last; ++t) {
+          const double w = grid_overlap(t, g.start, g.stop, rate);
           if (w <= 0.0) continue;
-          total += w;
           const scalar_t* frame = src + t * C;
           for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<acc_t>(w) * static_cast<acc_t>(frame[c]);
         }
-        const acc_t inv = total > 0.0 ? static_cast<acc_t>(1.0 / total) : acc_t(0);
+        const acc_t inv = g.total > 0.0 ? static_cast<acc_t>(1.0 / g.total) : acc_t(0);
         for (int64_t c = 0; c < C; ++c) dst[cell * C + c] = static_cast<scalar_t>(sum[c] * inv);
       }
     });
@@ -163,16 +157,10 @@ at::Tensor grid_average_backward_cpu(const at::Tensor& grad_out, int64_t n_sampl
     at::parallel_for(0, C, 8, [&](int64_t c0, int64_t c1) {
       std::vector<acc_t> acc((c1 - c0) * n_samples, acc_t(0));
       for (int64_t cell = 0; cell < N * n_out; ++cell) {
-        const int64_t i = cell / n_out, k = cell % n_out;
-        double start, stop;
-        int64_t first, last;
-        grid_interval(o[i], k, window, n_out, &start, &stop);
-        grid_overlap_range(start, stop, rate, n_samples, &first, &last);
-        double total = 0.0;
-        for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
-        if (total <= 0.0) continue;
-        for (int64_t t = first; t < last; ++t) {
-          const acc_t w = static_cast<acc_t>(grid_overlap(t, start, stop, rate) / total);
+        const GridCell g = grid_cell(o[cell / n_out], cell % n_out, window, n_out, rate, n_samples);
+        if (g.total <= 0.0) continue;
+        for (int64_t t = g.first; t < g.last; ++t) {
+          const acc_t w = static_cast<acc_t>(grid_overlap(t, g.start, g.stop, rate) / g.total);
           if (w == acc_t(0)) continue;
           for (int64_t c = c0; c < c1; ++c)
             acc[(c - c0) * n_samples + t] += w * static_cast<acc_t>(src[cell * C + c]);

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "../gather_project.h"
+#include "launch.cuh"
 
 namespace giblet {
 namespace {
@@ -17,7 +18,6 @@ namespace {
 // Elements per buffer block: 32 M (128 MB in float32) keeps each addmm large
 // enough to fill the GPU while the buffer stays small next to the table.
 constexpr int64_t kCudaBlockElems = int64_t(1) << 25;
-constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
 
 // Products that nvcc may not fuse into an FMA: the dequantized values then

@@ -14,16 +14,11 @@
 
 #include "../checks.h"
 #include "../grid.h"
+#include "launch.cuh"
 
 namespace giblet {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-
-unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
-}
 
 unsigned blocks_for_cells(int64_t n_cells) { return static_cast<unsigned>(std::min(n_cells, kMaxBlocks)); }
 
@@ -107,21 +102,15 @@ __global__ void grid_average_kernel(const scalar_t* __restrict__ values, int64_t
                                     const double* __restrict__ onsets, int64_t n_cells, double rate, double window,
                                     int64_t n_out, scalar_t* __restrict__ out) {
   for (int64_t cell = blockIdx.x; cell < n_cells; cell += gridDim.x) {
-    const int64_t i = cell / n_out, k = cell % n_out;
-    double start, stop;
-    int64_t first, last;
-    grid_interval(onsets[i], k, window, n_out, &start, &stop);
-    grid_overlap_range(start, stop, rate, T, &first, &last);
+    const GridCell g = grid_cell(onsets[cell / n_out], cell % n_out, window, n_out, rate, T);
+    const acc_t inv = g.total > 0.0 ? static_cast<acc_t>(1.0 / g.total) : acc_t(0);
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       acc_t sum = acc_t(0);
-      double total = 0.0;
-      for (int64_t t = first; t < last; ++t) {
-        const double w = grid_overlap(t, start, stop, rate);
+      for (int64_t t = g.first; t < g.last; ++t) {
+        const double w = grid_overlap(t, g.start, g.stop, rate);
         if (w <= 0.0) continue;
-        total += w;
         sum = sum + mul_rn(static_cast<acc_t>(w), static_cast<acc_t>(values[t * C + c]));
       }
-      const acc_t inv = total > 0.0 ? static_cast<acc_t>(1.0 / total) : acc_t(0);
       out[cell * C + c] = static_cast<scalar_t>(mul_rn(sum, inv));
     }
   }
@@ -163,14 +152,8 @@ __global__ void grid_cell_span_kernel(const double* __restrict__ onsets, int64_t
                                       double rate, double window, int64_t n_out, int64_t* __restrict__ n_frames) {
   for (int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; cell < n_cells;
        cell += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = cell / n_out, k = cell % n_out;
-    double start, stop;
-    int64_t first, last;
-    grid_interval(onsets[i], k, window, n_out, &start, &stop);
-    grid_overlap_range(start, stop, rate, n_samples, &first, &last);
-    double total = 0.0;
-    for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
-    n_frames[cell] = total > 0.0 ? last - first : 0;
+    const GridCell g = grid_cell(onsets[cell / n_out], cell % n_out, window, n_out, rate, n_samples);
+    n_frames[cell] = g.total > 0.0 ? g.last - g.first : 0;
   }
 }
 
@@ -184,18 +167,12 @@ __global__ void grid_cell_entries_kernel(const double* __restrict__ onsets, int6
   for (int64_t cell = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; cell < n_cells;
        cell += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (n_frames[cell] == 0) continue;
-    const int64_t i = cell / n_out, k = cell % n_out;
-    double start, stop;
-    int64_t first, last;
-    grid_interval(onsets[i], k, window, n_out, &start, &stop);
-    grid_overlap_range(start, stop, rate, n_samples, &first, &last);
-    double total = 0.0;
-    for (int64_t t = first; t < last; ++t) total += grid_overlap(t, start, stop, rate);
-    int64_t e = end[cell] - (last - first);
-    for (int64_t t = first; t < last; ++t, ++e) {
+    const GridCell g = grid_cell(onsets[cell / n_out], cell % n_out, window, n_out, rate, n_samples);
+    int64_t e = end[cell] - (g.last - g.first);
+    for (int64_t t = g.first; t < g.last; ++t, ++e) {
       entry_frame[e] = t;
       entry_cell[e] = cell;
-      entry_weight[e] = static_cast<acc_t>(grid_overlap(t, start, stop, rate) / total);
+      entry_weight[e] = static_cast<acc_t>(grid_overlap(t, g.start, g.stop, rate) / g.total);
     }
   }
 }

@@ -1,0 +1,17 @@
+// Launch geometry shared by the CUDA kernels.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace giblet {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+
+// Blocks of kThreads for n elements, at most kMaxBlocks.
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
+}
+
+}  // namespace giblet
