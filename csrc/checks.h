@@ -62,18 +62,21 @@ inline void check_gather_project(const at::Tensor& table, const at::Tensor& inde
   }
 }
 
-// Range check of the row numbers, given their sorted unique values. Only on a
-// failure does it search `index` for the position of the offending value.
-inline void check_index_range(const at::Tensor& index, const at::Tensor& unique_sorted, int64_t n_rows) {
-  if (unique_sorted.numel() == 0) return;
-  int64_t lo = unique_sorted[0].item<int64_t>();
-  int64_t hi = unique_sorted[-1].item<int64_t>();
-  if (lo >= -1 && hi < n_rows) return;
+// Range check of the row numbers, given their sorted unique values; returns
+// the smallest (0 when there are none). Only on a failure does it search
+// `index` for the position of the offending value.
+inline int64_t check_index_range(const at::Tensor& index, const at::Tensor& unique_sorted, int64_t n_rows) {
+  if (unique_sorted.numel() == 0) return 0;
+  // Both ends in one device-to-host copy.
+  auto ends = at::stack({unique_sorted[0], unique_sorted[-1]}).cpu();
+  const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
+  if (lo >= -1 && hi < n_rows) return lo;
   int64_t bad = lo < -1 ? lo : hi;
   auto pos = (index == bad).nonzero()[0].cpu();
   TORCH_CHECK(false, "gather_project: index holds ", bad, " at position (", pos[0].item<int64_t>(), ", ",
               pos[1].item<int64_t>(), ") but table has T=", n_rows, " rows; expected -1 (empty slot) or 0..",
               n_rows - 1);
+  return lo;
 }
 
 inline void check_grid(const char* op, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
@@ -153,22 +156,26 @@ inline void check_bottleneck(const at::Tensor& x, const at::Tensor& weight, cons
   }
 }
 
-// The arguments of bottleneck_backward that bottleneck did not already check.
-inline void check_bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& pre, Activation act) {
+// Checks every argument of bottleneck_backward; returns the activation.
+inline Activation check_bottleneck_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& pre, const c10::optional<at::Tensor>& mask,
+                                            c10::string_view activation) {
+  check_bottleneck(x, weight, c10::nullopt, mask);
+  const Activation act = parse_activation(activation);
   const int64_t B = x.size(0), V = weight.size(0);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == B && grad_out.size(1) == V,
               "bottleneck_backward: grad_out has shape ", shape_str(grad_out), "; expected (", B, ", ", V, ")");
   check_same_device("bottleneck_backward", "grad_out", grad_out, x, "x");
   // The kernels read pre elementwise beside grad_out: a wrong one would be
   // read out of bounds, not just give a wrong gradient.
-  if (act == Activation::identity) return;
+  if (act == Activation::identity) return act;
   TORCH_CHECK(pre.dim() == 2 && pre.size(0) == B && pre.size(1) == V, "bottleneck_backward: pre has shape ",
               shape_str(pre), "; expected (", B, ", ", V, "), the pre-activation that bottleneck returned");
   const auto expected = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(pre.scalar_type() == expected, "bottleneck_backward: pre has dtype ", pre.scalar_type(), "; expected ",
               expected);
   check_same_device("bottleneck_backward", "pre", pre, x, "x");
+  return act;
 }
 
 // Accumulation type of the projections: double for double, float otherwise.

@@ -39,9 +39,9 @@ inline GatherPlan plan_gather(const at::Tensor& index, int64_t n_rows) {
   at::Tensor unique_rows, inverse, counts;
   std::tie(unique_rows, inverse, counts) = at::_unique2(flat, /*sorted=*/true, /*return_inverse=*/true,
                                                         /*return_counts=*/false);
-  check_index_range(index, unique_rows, n_rows);
+  const int64_t lowest = check_index_range(index, unique_rows, n_rows);
   GatherPlan plan;
-  if (unique_rows.numel() > 0 && unique_rows[0].item<int64_t>() == -1) {
+  if (lowest == -1) {
     int64_t n_unique = unique_rows.numel() - 1;
     plan.rows = unique_rows.slice(0, 1);
     // -1 was the first unique value: shift positions down, send empty slots to U.

@@ -397,9 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cpu(const at:
                                                                        const c10::optional<at::Tensor>& mask,
                                                                        c10::string_view activation,
                                                                        bool bias_requires_grad) {
-  check_bottleneck(x, weight, c10::nullopt, mask);
-  const Activation act = parse_activation(activation);
-  check_bottleneck_backward(grad_out, x, weight, pre, act);
+  const Activation act = check_bottleneck_backward(grad_out, x, weight, pre, mask, activation);
   at::Tensor grad_x, grad_weight, grad_bias;
   if (x.size(0) > kStreamMaxBatch) {
     const auto ct = compute_dtype(x.scalar_type());
