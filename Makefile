@@ -15,6 +15,8 @@ BIN := $(VENV)/bin
 JOBS ?= $(shell nproc)
 export MAX_JOBS ?= $(JOBS)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+# The venv's tools first: ninja (for setup.py and CMake) comes from requirements.txt.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install build test test-python test-native bench demo cuda-compile clean
 
