@@ -23,6 +23,21 @@ app = typer.Typer(
 # Tables are wide: outside a terminal (CI logs, files) rich would wrap them at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+def _print_version(value: bool) -> None:
+    if value:
+        import giblet
+
+        console.print(f"giblet {giblet.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Learn how each part of the brain sees a movie: a multimodal autoencoder whose layer 7 is the fMRI response."""
+
+
 # Targets of the native ops on a CPU, checked by `giblet bench --check`:
 # (case, baseline, measure, bound, meaning).
 TARGETS = [

@@ -24,6 +24,13 @@ def test_console_script_prints_help():
     assert "validate" in done.stdout and "bench" in done.stdout
 
 
+def test_version():
+    import giblet
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"giblet {giblet.__version__}"
+
+
 def test_validate_reports_the_build_and_passes():
     result = runner.invoke(app, ["validate"])
     assert result.exit_code == 0, result.output
