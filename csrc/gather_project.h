@@ -110,7 +110,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_im
   auto row_grad = at::zeros({U + 1, P}, g.options()).index_add_(0, plan.slot_to_row, g).narrow(0, 0, U);
 
   auto grad_bias = row_grad.sum(0).to(weight.scalar_type());
-  auto grad_weight = at::zeros({P, D}, weight.options().dtype(ct));
+  // Every column block is written below; zeros only when nothing is.
+  auto grad_weight = U > 0 ? at::empty({P, D}, weight.options().dtype(ct)) : at::zeros({P, D}, weight.options().dtype(ct));
   // Contiguous whatever the table's strides, as the fake kernel promises.
   auto grad_table = table_requires_grad ? at::zeros(table.sizes(), table.options()) : at::empty({0}, table.options());
   if (U > 0) {
@@ -121,7 +122,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_im
       const int64_t n = std::min(cols, D - col0);
       auto block = buffer.view({-1}).narrow(0, 0, U * n).view({U, n});
       gather_rows(table, plan.rows, col0, n, scale, shift, block);
-      grad_weight.narrow(1, col0, n).copy_(at::mm(row_grad_t, block));
+      // Straight into the column block: a GEMM output with row stride D.
+      auto grad_block = grad_weight.narrow(1, col0, n);
+      at::mm_out(grad_block, row_grad_t, block);
       if (table_requires_grad) {
         auto grad_rows = at::mm(row_grad, weight.narrow(1, col0, n).to(ct)).mul_(scale);
         grad_table.narrow(1, col0, n).index_copy_(0, plan.rows, grad_rows.to(table.scalar_type()));
