@@ -347,8 +347,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_stream_backward(const 
     });
   }
   const int64_t n_groups = (static_cast<int64_t>(rows.size()) + kRowGroup - 1) / kRowGroup;
-  const int n_threads = at::get_num_threads();
-  auto grad_x_parts = at::zeros({n_threads, B, ld}, x.options());
+  // grad_x is accumulated per part, one part per thread: parts are the unit
+  // of parallel work, so an accumulator never has two writers, even when this
+  // runs nested in another parallel region (and so on one thread).
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_groups));
+  const int64_t groups_per_part = (n_groups + n_parts - 1) / n_parts;
+  auto grad_x_parts = at::zeros({n_parts, B, ld}, x.options());
   const acc_t* xs = x.const_data_ptr<acc_t>();
   const scalar_t* ws = weight.const_data_ptr<scalar_t>();
   const acc_t* go = grad_out.const_data_ptr<acc_t>();
@@ -357,35 +361,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_stream_backward(const 
   acc_t* gbs = grad_bias.mutable_data_ptr<acc_t>();
   acc_t* gx_parts = grad_x_parts.mutable_data_ptr<acc_t>();
 
-  at::parallel_for(0, n_groups, 16, [&](int64_t g0, int64_t g1) {
-    acc_t* gx = gx_parts + static_cast<int64_t>(at::get_thread_num()) * B * ld;
+  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
     std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : kRowGroup * K);
     std::vector<acc_t> zeros(K, acc_t(0)), sink(K);
     std::vector<acc_t> g(B * kRowGroup);
     const acc_t* w[kRowGroup];
     acc_t* gw[kRowGroup];
-    for (int64_t group = g0; group < g1; ++group) {
-      const int64_t first = group * kRowGroup;
-      const int64_t count = std::min<int64_t>(kRowGroup, static_cast<int64_t>(rows.size()) - first);
-      load_rows<scalar_t, acc_t>(ws, K, rows.data() + first, count, scratch.data(), w, zeros.data());
-      for (int64_t r = 0; r < kRowGroup; ++r) {
-        if (r >= count) {
-          gw[r] = sink.data();
-          for (int64_t b = 0; b < B; ++b) g[b * kRowGroup + r] = acc_t(0);
-          continue;
+    for (int64_t part = p0; part < p1; ++part) {
+      acc_t* gx = gx_parts + part * B * ld;
+      const int64_t g_end = std::min(n_groups, (part + 1) * groups_per_part);
+      for (int64_t group = part * groups_per_part; group < g_end; ++group) {
+        const int64_t first = group * kRowGroup;
+        const int64_t count = std::min<int64_t>(kRowGroup, static_cast<int64_t>(rows.size()) - first);
+        load_rows<scalar_t, acc_t>(ws, K, rows.data() + first, count, scratch.data(), w, zeros.data());
+        for (int64_t r = 0; r < kRowGroup; ++r) {
+          if (r >= count) {
+            gw[r] = sink.data();
+            for (int64_t b = 0; b < B; ++b) g[b * kRowGroup + r] = acc_t(0);
+            continue;
+          }
+          const int64_t v = rows[first + r];
+          gw[r] = gws + v * K;
+          acc_t bias_sum = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            acc_t grad = go[b * V + v];
+            if (zs) grad *= activation_slope(zs[b * V + v], act);
+            g[b * kRowGroup + r] = grad;
+            bias_sum += grad;
+          }
+          gbs[v] = bias_sum;
         }
-        const int64_t v = rows[first + r];
-        gw[r] = gws + v * K;
-        acc_t bias_sum = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          acc_t grad = go[b * V + v];
-          if (zs) grad *= activation_slope(zs[b * V + v], act);
-          g[b * kRowGroup + r] = grad;
-          bias_sum += grad;
-        }
-        gbs[v] = bias_sum;
+        grad4(xs, ld, B, K, w, g.data(), gw, gx);
       }
-      grad4(xs, ld, B, K, w, g.data(), gw, gx);
     }
   });
   return {grad_x_parts.sum(0).narrow(1, 0, K).contiguous(), grad_weight, grad_bias};
