@@ -7,6 +7,7 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 namespace giblet {
 
@@ -93,6 +94,12 @@ inline void check_grid(const char* op, double rate, const at::Tensor& onsets, do
     const int64_t i = (~finite).nonzero()[0][0].item<int64_t>();
     TORCH_CHECK(false, op, ": onsets must be finite seconds, got onsets[", i, "] = ", onsets[i].item<double>());
   }
+}
+
+inline void check_grid_index(int64_t n_samples, double rate, const at::Tensor& onsets, double window,
+                             int64_t n_out) {
+  check_grid("grid_index", rate, onsets, window, n_out);
+  TORCH_CHECK(n_samples >= 0, "grid_index: n_samples must be >= 0, got ", n_samples);
 }
 
 inline void check_resample_codes(const at::Tensor& codes, const at::Tensor& onsets) {
@@ -182,5 +189,9 @@ inline Activation check_bottleneck_backward(const at::Tensor& grad_out, const at
 inline at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
   return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The same, at compile time, for kernels templated on the element type.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 }  // namespace giblet

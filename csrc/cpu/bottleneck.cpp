@@ -219,7 +219,7 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> bottleneck_stream_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                              const c10::optional<at::Tensor>& bias,
                                                              const c10::optional<at::Tensor>& mask, Activation act) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = compute_t<scalar_t>;
   const int64_t B = x_in.size(0), K = x_in.size(1), V = weight_in.size(0);
   auto weight = weight_in.contiguous();
   at::Tensor x = padded_rows<acc_t>(x_in);
@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottleneck_stream_backward(const 
                                                                           const at::Tensor& weight_in,
                                                                           const c10::optional<at::Tensor>& mask,
                                                                           Activation act) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = compute_t<scalar_t>;
   const int64_t B = x_in.size(0), K = x_in.size(1), V = weight_in.size(0);
   auto weight = weight_in.contiguous();
   at::Tensor x = padded_rows<acc_t>(x_in);

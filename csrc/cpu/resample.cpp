@@ -22,8 +22,7 @@ std::vector<double> centre_offsets(double window, int64_t n_out) {
 }
 
 at::Tensor grid_index_cpu(int64_t n_samples, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
-  check_grid("grid_index", rate, onsets, window, n_out);
-  TORCH_CHECK(n_samples >= 0, "grid_index: n_samples must be >= 0, got ", n_samples);
+  check_grid_index(n_samples, rate, onsets, window, n_out);
   auto on = onsets.contiguous();
   const int64_t N = on.size(0);
   auto out = at::empty({N, n_out}, on.options().dtype(at::kLong));

@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cuda(const at::Tensor& x, const at
   const int64_t n = B * V;
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bottleneck_cuda", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      using acc_t = compute_t<scalar_t>;
       with_activation(act, [&](auto tag) {
         constexpr Activation A = decltype(tag)::value;
         bottleneck_epilogue_kernel<A, scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(

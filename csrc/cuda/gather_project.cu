@@ -20,10 +20,6 @@ namespace {
 constexpr int64_t kCudaBlockElems = int64_t(1) << 25;
 constexpr int64_t kMaxGridY = 65535;
 
-// Products that nvcc may not fuse into an FMA: the dequantized values then
-// round exactly as in the CPU kernel (a multiply, then an add).
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // buf[u, j] = table[rows[u], col0 + j] * scale + shift. blockIdx.y walks the
 // rows, blockIdx.x and the threads the columns, so reads of a row are

@@ -25,10 +25,6 @@ unsigned blocks_for_cells(int64_t n_cells) { return static_cast<unsigned>(std::m
 // Threads per cell of grid_average: one per channel, in whole warps.
 int threads_for_channels(int64_t C) { return static_cast<int>(std::min<int64_t>(kThreads, (C + 31) / 32 * 32)); }
 
-// Products that nvcc may not fuse into an FMA, so the sums round as in the
-// CPU kernel (a multiply, then an add).
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // ---------------------------------------------------------------- grid_index
 
@@ -43,8 +39,7 @@ __global__ void grid_index_kernel(const double* __restrict__ onsets, int64_t N, 
 }
 
 at::Tensor grid_index_cuda(int64_t n_samples, double rate, const at::Tensor& onsets, double window, int64_t n_out) {
-  check_grid("grid_index", rate, onsets, window, n_out);
-  TORCH_CHECK(n_samples >= 0, "grid_index: n_samples must be >= 0, got ", n_samples);
+  check_grid_index(n_samples, rate, onsets, window, n_out);
   const c10::cuda::CUDAGuard guard(onsets.device());
   auto on = onsets.contiguous();
   const int64_t N = on.size(0);
