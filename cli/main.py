@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from giblet_cli import data as data_commands
+from giblet_cli.common import console, fail_cleanly
 
 app = typer.Typer(
     name="giblet",
@@ -20,9 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-# Tables are wide: outside a terminal (CI logs, files) rich would wrap them at 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-
 def _print_version(value: bool) -> None:
     if value:
         import giblet
@@ -62,11 +61,22 @@ def _build_table(info: dict) -> Table:
     return table
 
 
+app.add_typer(data_commands.app, name="data")
+
+
 @app.command()
-def validate() -> None:
-    """Check giblet before spending GPU time: the native build, and every op against its reference."""
+@fail_cleanly
+def validate(
+    data: Optional[Path] = typer.Option(None, "--data", help="Also check this Sherlock-layout folder: files, times, TRs, voxels."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML configuration (checked for unknown keys too)."),
+    quick: bool = typer.Option(False, help="With --data: read headers only, not every fMRI volume, and load no models."),
+) -> None:
+    """Check giblet before spending GPU time: the native build, every op against its reference, and the data."""
     from giblet import ops
+    from giblet.config import load_config
     from giblet.validate import check_ops
+
+    settings = load_config(config)
 
     console.print(_build_table(ops.build_info()))
     checks = check_ops()
@@ -77,11 +87,36 @@ def validate() -> None:
         verdict = "[green]PASS[/green]" if check.passed else "[red]FAIL[/red]"
         table.add_row(check.op, check.device, f"{check.max_error:.2e}", f"{check.tolerance:.0e}", verdict)
     console.print(table)
-    failed = [c for c in checks if not c.passed]
+    failed = [f"{c.op} on {c.device}" for c in checks if not c.passed]
     if failed:
-        console.print(f"[red]{len(failed)} of {len(checks)} checks failed[/red]: " + ", ".join(f"{c.op} on {c.device}" for c in failed))
+        console.print(f"[red]{len(failed)} of {len(checks)} op checks failed[/red]: " + ", ".join(failed))
+    else:
+        console.print(f"[green]all {len(checks)} op checks passed[/green]")
+    if data is not None:
+        failed += _validate_data(data, settings, quick)
+    if failed:
         raise typer.Exit(1)
-    console.print(f"[green]all {len(checks)} checks passed[/green]")
+
+
+def _validate_data(data: Path, settings, quick: bool) -> List[str]:
+    from giblet.data.check import FAIL, PASS, check_data
+
+    with console.status(f"checking {data}"):
+        checks = check_data(data, settings, deep=not quick, load_models=not quick)
+    table = Table(title=f"data: {escape(str(data))}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    colours = {PASS: "green", FAIL: "red"}
+    for check in checks:
+        colour = colours.get(check.status, "yellow")
+        table.add_row(escape(check.name), f"[{colour}]{check.status}[/{colour}]", escape(check.detail))
+    console.print(table)
+    failed = [c.name for c in checks if c.status == FAIL]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(checks)} data checks failed[/red]: " + ", ".join(failed))
+    else:
+        console.print(f"[green]all {len(checks)} data checks passed[/green]")
+    return failed
 
 
 def _mb(value: Optional[int]) -> str:

@@ -1,0 +1,78 @@
+"""`giblet data ...`: make, fetch and prepare Sherlock-layout datasets."""
+
+from __future__ import annotations
+
+import logging
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from giblet_cli.common import console, fail_cleanly
+
+app = typer.Typer(help="Make, fetch and prepare Sherlock-layout datasets.", no_args_is_help=True)
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    sherlock_scale = "sherlock-scale"
+
+
+@app.command()
+@fail_cleanly
+def synth(
+    out: Path = typer.Argument(..., help="New folder to write (must not exist or be empty)."),
+    preset: Preset = typer.Option(Preset.tiny, help="tiny: demo-sized, under a minute; small: ~10k voxels; sherlock-scale: Sherlock's sizes."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
+) -> None:
+    """Write a dataset in the Sherlock layout from a known ground truth (truth in OUT/_truth/)."""
+    from giblet.data.synth import synthesize
+
+    started = time.perf_counter()
+    path = synthesize(out, preset.value, seed=seed)
+    console.print(f"wrote {path} ({preset.value}, seed {seed}) in {time.perf_counter() - started:.1f} s; ground truth in {path / '_truth'}")
+
+
+@app.command()
+@fail_cleanly
+def prepare(
+    data: Path = typer.Argument(..., help="Folder in the Sherlock layout."),
+    out: Path = typer.Option(..., "--out", help="Store folder to write (reused when inputs and settings are unchanged)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML configuration; defaults otherwise."),
+    force: bool = typer.Option(False, help="Rebuild even when an up-to-date store exists."),
+) -> None:
+    """Decode, encode and embed the stimuli once and write the fMRI as one memory-mapped array, atomically."""
+    from giblet.config import load_config
+    from giblet.data.store import directory_size, prepare as prepare_store
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    store = prepare_store(data, load_config(config), out, force=force)
+    m = store.manifest
+    elapsed = time.perf_counter() - started
+    console.print(f"store {store.path} (key {store.key}) ready in {elapsed:.1f} s, {directory_size(store.path) / 2**20:,.1f} MiB")
+    f = m["fmri"]
+    console.print(
+        f"  fMRI {tuple(f['shape'])} {f['dtype']} ({f['n_voxels']} voxels), frames {tuple(m['video']['shape'])}, "
+        f"text {tuple(m['text']['shape'])}"
+        + (f", codes {tuple(m['audio']['codes']['shape'])}" if "codes" in m["audio"] else "")
+        + (f", mel {tuple(m['audio']['mel']['shape'])}" if "mel" in m["audio"] else "")
+    )
+    console.print("  splits " + ", ".join(f"{k} TRs {v[0]}-{v[1] - 1}" for k, v in m["splits"]["blocks"].items() if v[1] > v[0]))
+
+
+@app.command()
+@fail_cleanly
+def download(
+    data: Path = typer.Argument(..., help="Folder to create with the dataset."),
+    url: Optional[str] = typer.Option(None, help="Address of the dataset's zip (default: $GIBLET_DATA_URL)."),
+    sha256: Optional[str] = typer.Option(None, help="Expected sha256 of the zip; the download fails on a mismatch."),
+) -> None:
+    """Download a zipped dataset: resumable, checksum-verified, unzipped atomically into DATA."""
+    from giblet.data.download import download as fetch
+
+    path = fetch(data, url, sha256)
+    console.print(f"dataset in {path}")

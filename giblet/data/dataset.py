@@ -1,0 +1,204 @@
+"""TR-indexed samples over a prepared store: window indices per modality and the fMRI target, never copies.
+
+A sample for TR ``t`` is the stimulus window ``[onset(t) - lookback, onset(t) + TR)``
+and the response at ``t``. Its frames, code frames and mel frames are named by
+indices into the store's streams (from ``giblet.ops.grid_index``, exact times, -1
+outside the stream) and its annotation segments by segment numbers (-1 = empty
+slot); the model gathers them (``gather_project``, ``resample_codes``) so a batch
+never materializes its windows in the data loader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from giblet.data.store import Store
+from giblet.errors import DataError
+
+MODES = ("cross_subject", "per_subject")
+
+
+@dataclass
+class WindowIndex:
+    """Indices of every stored TR's window into each stream: int64 ``(n_trs, slots)``, -1 = nothing there."""
+
+    window_onsets: np.ndarray  # float64 (n_trs,) stimulus-clock start of each window
+    window_s: float
+    video: np.ndarray
+    codes: Optional[np.ndarray]
+    mel: Optional[np.ndarray]
+    text: np.ndarray
+
+
+def _grid(n_samples: int, rate: float, start_s: float, onsets: np.ndarray, window_s: float, slots: int) -> np.ndarray:
+    from giblet import ops
+
+    return ops.grid_index(n_samples, rate, torch.from_numpy(onsets - start_s), window_s, slots).numpy()
+
+
+def text_slots_for(starts: np.ndarray, ends: np.ndarray, onsets: np.ndarray, window_s: float, slots: int) -> np.ndarray:
+    """The latest ``slots`` segments overlapping each window, in time order, right-aligned (-1 pads the left).
+
+    Segment ``j`` overlaps ``[w, w + window)`` when ``start_j < w + window`` and ``end_j > w``;
+    segments may overlap each other or leave gaps. ``starts`` must be sorted.
+    """
+    out = np.full((onsets.size, slots), -1, dtype=np.int64)
+    if starts.size == 0:
+        return out
+    longest = float(np.max(ends - starts))
+    upper = np.searchsorted(starts, onsets + window_s, side="left")
+    for i, (w, hi) in enumerate(zip(onsets, upper)):
+        found: List[int] = []
+        j = hi - 1
+        while j >= 0 and len(found) < slots and starts[j] >= w - longest:
+            if ends[j] > w:
+                found.append(j)
+            j -= 1
+        if found:
+            out[i, slots - len(found) :] = found[::-1]
+    return out
+
+
+def window_index(store: Store) -> WindowIndex:
+    """Window indices for every TR of ``store``, from the window settings it was prepared with."""
+    manifest = store.manifest
+    window = manifest["window"]
+    lookback, window_s = window["lookback_s"], window["window_s"]
+    onsets = store.onsets() - lookback
+    v = manifest["video"]
+    video = _grid(v["shape"][0], v["rate_hz"], v["start_s"], onsets, window_s, window["video_slots"])
+    codes = mel = None
+    audio = manifest["audio"]
+    if "codes" in audio:
+        c = audio["codes"]
+        codes = _grid(c["shape"][1], c["rate_hz"], c["start_s"], onsets, window_s, window["code_slots"])
+    if "mel" in audio:
+        m = audio["mel"]
+        mel = _grid(m["shape"][0], m["rate_hz"], m["start_s"], onsets, window_s, window["mel_slots"])
+    times = store.text_times()
+    text = text_slots_for(times[:, 0], times[:, 1], onsets, window_s, window["text_slots"])
+    return WindowIndex(onsets, window_s, video, codes, mel, text)
+
+
+class WindowDataset(Dataset):
+    """Samples of one split of a store.
+
+    ``cross_subject``: one sample per TR, target = mean of the z-scored subjects.
+    ``per_subject``: one sample per (subject, TR), target = that subject's z-scored response.
+    Items are dicts of tensors: ``tr``, ``subject`` (-1 for the mean), ``window_onset``
+    (float64 seconds), ``video_index``, ``code_index``, ``mel_index``, ``text_index``
+    (int64 slots, -1 = empty) and ``fmri`` (float32 ``(n_voxels,)``).
+    """
+
+    def __init__(self, store: Store, split: str = "train", mode: str = "cross_subject", index: Optional[WindowIndex] = None):
+        if mode not in MODES:
+            raise ValueError(f"dataset mode {mode!r}; expected one of {', '.join(MODES)}")
+        if split not in store.splits:
+            raise ValueError(f"split {split!r}; expected one of {', '.join(store.splits)}")
+        self.store = store
+        self.split = split
+        self.mode = mode
+        self.index = index if index is not None else window_index(store)
+        start, stop = store.splits[split]
+        self.trs = np.arange(start, stop, dtype=np.int64)
+        self.n_subjects = len(store.subjects)
+        self._targets = store.fmri_mean() if mode == "cross_subject" else store.fmri()
+
+    def __len__(self) -> int:
+        return self.trs.size * (1 if self.mode == "cross_subject" else self.n_subjects)
+
+    def _locate(self, items: np.ndarray):
+        if self.mode == "cross_subject":
+            return np.full(items.shape, -1, dtype=np.int64), self.trs[items]
+        return items // self.trs.size, self.trs[items % self.trs.size]
+
+    def batch(self, items: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """Samples ``items`` as one batch, read with one fancy index per array (faster than collating items)."""
+        items = np.asarray(items, dtype=np.int64)
+        if items.size and (items.min() < 0 or items.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)}) in {items.tolist()}")
+        subjects, trs = self._locate(items)
+        if self.mode == "cross_subject":
+            order = np.argsort(trs, kind="stable")
+            rows = np.empty((trs.size, self.store.n_voxels), dtype=np.float32)
+            rows[order] = self._targets[trs[order]]
+        else:
+            rows = np.stack([self._targets[s, t] for s, t in zip(subjects, trs)]).astype(np.float32, copy=False)
+        index = self.index
+        batch = {
+            "tr": torch.from_numpy(trs),
+            "subject": torch.from_numpy(subjects),
+            "window_onset": torch.from_numpy(index.window_onsets[trs]),
+            "video_index": torch.from_numpy(index.video[trs]),
+            "text_index": torch.from_numpy(index.text[trs]),
+            "fmri": torch.from_numpy(rows),
+        }
+        if index.codes is not None:
+            batch["code_index"] = torch.from_numpy(index.codes[trs])
+        if index.mel is not None:
+            batch["mel_index"] = torch.from_numpy(index.mel[trs])
+        return batch
+
+    def __getitem__(self, item: int) -> Dict[str, torch.Tensor]:
+        if not 0 <= item < len(self):
+            raise IndexError(f"sample {item} out of range [0, {len(self)})")
+        return {key: value[0] for key, value in self.batch([item]).items()}
+
+
+class ShardSampler(Sampler[int]):
+    """Each rank's share of a dataset, reshuffled per epoch with a shared seed.
+
+    With ``pad=True`` (training) every rank gets the same number of samples, repeating
+    a few so DDP steps stay in lockstep; with ``pad=False`` (evaluation) each sample is
+    seen exactly once across ranks, so summed metrics count every TR once.
+    """
+
+    def __init__(self, n_samples: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0, pad: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.n_samples, self.rank, self.world_size = n_samples, rank, world_size
+        self.shuffle, self.seed, self.pad = shuffle, seed, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_samples)
+        return np.random.default_rng((self.seed, self.epoch)).permutation(self.n_samples)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        if self.pad and order.size:
+            total = math.ceil(order.size / self.world_size) * self.world_size
+            order = np.concatenate([order, order[: total - order.size]])
+        return iter(order[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.n_samples / self.world_size)
+        return len(range(self.rank, self.n_samples, self.world_size))
+
+
+def check_split_isolation(store: Store, index: Optional[WindowIndex] = None) -> None:
+    """Raise if any window of one split reaches into the TRs of another (by stimulus time)."""
+    index = index or window_index(store)
+    tr = store.tr_s
+    onsets = store.onsets()
+    spans = {}
+    for name, (start, stop) in store.splits.items():
+        if stop > start:
+            spans[name] = (index.window_onsets[start], onsets[stop - 1] + tr)
+    names = list(spans)
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            (a0, a1), (b0, b1) = spans[names[a]], spans[names[b]]
+            if a0 < b1 and b0 < a1:
+                raise DataError(store.path, f"windows of split {names[a]} and {names[b]} overlap in stimulus time")

@@ -1,0 +1,573 @@
+"""The prepared store: every stimulus stream once, the fMRI as one memory-mapped array, and a manifest.
+
+``prepare(data_dir, config, out)`` writes, in a temporary folder beside ``out``
+that is renamed into place at the end (a crash leaves no half store)::
+
+    manifest.json          schema version, key, source hashes, settings, every shape, rate and dtype
+    video_frames.bin       uint8 (n_frames, H, W, 3), a regular stream at the movie's frame rate
+    video_times.npy        float64 (n_frames,) presentation time of each stored frame (seconds, PTS)
+    audio_codes.npy        int16 (n_codebooks, n_code_frames) EnCodec codes        [audio.features has codes]
+    audio_mel.npy          float16 (n_mel_frames, n_mels) log-mel                   [audio.features has mel]
+    text_embeddings.npy    float16 (n_segments, embedding_size), L2-normalised
+    text_times.npy         float64 (n_segments, 2) start and end seconds
+    text.json              the segment texts
+    fmri.bin               float16 (n_subjects, n_trs, n_voxels), z-scored per subject with train-TR statistics
+    fmri_mean.bin          float16 (n_trs, n_voxels), the mean of the z-scored subjects
+    mask.nii.gz            the shared voxel mask (voxel order = C order of this mask)
+
+The store is keyed by a hash of the input files and of every setting that
+changes its content; preparing again with the same inputs and settings reuses it,
+and any change makes a new one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+import giblet
+from giblet.config import STORE_SECTIONS, Config
+from giblet.data import alignment as alignment_mod
+from giblet.data.splits import gap_seconds, split_blocks
+from giblet.errors import DataError
+from giblet.progress import bar
+
+log = logging.getLogger("giblet.data")
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+HASH_CHUNK = 1 << 22
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Sources:
+    movie: Path
+    annotations: Path
+    fmri: List[Path]
+    subjects: List[int]
+
+
+def _subject_number(path: Path) -> int:
+    numbers = re.findall(r"\d+", path.name)
+    return int(numbers[-1]) if numbers else -1
+
+
+def find_sources(data_dir: Union[str, Path], config: Config) -> Sources:
+    """The files of a Sherlock-layout folder, each checked to exist."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(data_dir, "folder not found", expected="a folder in the Sherlock layout (see `giblet data synth`)")
+    movie = data_dir / config.data.movie
+    annotations = data_dir / config.data.annotations
+    for path, key in ((movie, "data.movie"), (annotations, "data.annotations")):
+        if not path.is_file():
+            raise DataError(path, "file not found", expected=f"the file named by {key}", fix=f"add it or set {key}")
+    fmri = sorted(data_dir.glob(config.data.fmri), key=lambda p: (_subject_number(p), p.name))
+    if not fmri:
+        raise DataError(
+            data_dir / config.data.fmri,
+            "no fMRI file matches",
+            expected="one 4-D NIfTI per subject, e.g. sherlock_nii/sherlock_movie_s1.nii.gz",
+            fix="add the files or set data.fmri to a glob that matches them",
+        )
+    subjects = [_subject_number(p) for p in fmri]
+    if config.data.subjects is not None:
+        wanted = list(config.data.subjects)
+        missing = [s for s in wanted if s not in subjects]
+        if missing:
+            raise DataError(
+                data_dir / config.data.fmri,
+                f"no file for subject(s) {missing}",
+                expected=f"subjects among {subjects}",
+                fix="fix data.subjects",
+            )
+        keep = [subjects.index(s) for s in wanted]
+        fmri = [fmri[i] for i in keep]
+        subjects = wanted
+    return Sources(movie, annotations, fmri, subjects)
+
+
+def file_digest(path: Path, known: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Size, mtime and sha256 of a file; the sha256 is reused from ``known`` when size and mtime match."""
+    stat = path.stat()
+    entry = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns and known.get("sha256"):
+        entry["sha256"] = known["sha256"]
+        return entry
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    entry["sha256"] = digest.hexdigest()
+    return entry
+
+
+def _source_digests(sources: Sources, known: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    known = known or {}
+    known_fmri = {entry["path"]: entry for entry in known.get("fmri", [])}
+    return {
+        "movie": file_digest(sources.movie, known.get("movie")),
+        "annotations": file_digest(sources.annotations, known.get("annotations")),
+        "fmri": [
+            dict(file_digest(path, known_fmri.get(str(path))), subject=subject)
+            for path, subject in zip(sources.fmri, sources.subjects)
+        ],
+    }
+
+
+def store_key(digests: Dict[str, Any], config: Config) -> str:
+    """Hash of the input files' contents and of every setting that changes the store."""
+    content = {
+        "schema_version": SCHEMA_VERSION,
+        "sources": {
+            "movie": digests["movie"]["sha256"],
+            "annotations": digests["annotations"]["sha256"],
+            "fmri": [(entry["subject"], entry["sha256"]) for entry in digests["fmri"]],
+        },
+        "settings": config.section(*STORE_SECTIONS),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- reading a store
+
+
+@dataclass
+class Store:
+    """A prepared store, opened read-only; arrays are memory-mapped, nothing is copied."""
+
+    path: Path
+    manifest: Dict[str, Any]
+
+    def _array(self, entry: Dict[str, Any]) -> np.ndarray:
+        file = self.path / entry["file"]
+        if file.suffix == ".npy":
+            return np.load(file, mmap_mode="r")
+        return np.memmap(file, dtype=entry["dtype"], mode="r", shape=tuple(entry["shape"]))
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    @property
+    def tr_s(self) -> float:
+        return self.manifest["alignment"]["tr_s"]
+
+    @property
+    def n_trs(self) -> int:
+        return self.manifest["alignment"]["n_trs"]
+
+    @property
+    def n_voxels(self) -> int:
+        return self.manifest["fmri"]["n_voxels"]
+
+    @property
+    def subjects(self) -> List[int]:
+        return self.manifest["fmri"]["subjects"]
+
+    @property
+    def splits(self) -> Dict[str, tuple]:
+        return {name: tuple(block) for name, block in self.manifest["splits"]["blocks"].items()}
+
+    def onsets(self) -> np.ndarray:
+        """Stimulus-clock start of each stored TR (float64 seconds)."""
+        a = self.manifest["alignment"]
+        return alignment_mod.tr_onsets(a["n_trs"], a["tr_s"], a["stimulus_onset_s"], a["first_tr"])
+
+    def frames(self) -> np.ndarray:
+        return self._array(self.manifest["video"])
+
+    def video_times(self) -> np.ndarray:
+        return np.load(self.path / self.manifest["video"]["times_file"], mmap_mode="r")
+
+    def codes(self) -> Optional[np.ndarray]:
+        entry = self.manifest["audio"].get("codes")
+        return None if entry is None else self._array(entry)
+
+    def mel(self) -> Optional[np.ndarray]:
+        entry = self.manifest["audio"].get("mel")
+        return None if entry is None else self._array(entry)
+
+    def text_embeddings(self) -> np.ndarray:
+        return self._array(self.manifest["text"])
+
+    def text_times(self) -> np.ndarray:
+        return np.load(self.path / self.manifest["text"]["times_file"])
+
+    def texts(self) -> List[str]:
+        return json.loads((self.path / self.manifest["text"]["texts_file"]).read_text())
+
+    def fmri(self) -> np.ndarray:
+        """(n_subjects, n_trs, n_voxels) z-scored responses."""
+        return self._array(self.manifest["fmri"])
+
+    def fmri_mean(self) -> np.ndarray:
+        """(n_trs, n_voxels) mean of the z-scored subjects."""
+        entry = self.manifest["fmri"]
+        return np.memmap(self.path / entry["mean_file"], dtype=entry["dtype"], mode="r", shape=tuple(entry["shape"][1:]))
+
+    def mask(self):
+        """(mask bool (X, Y, Z), affine)."""
+        from giblet.data.fmri import load_mask
+
+        return load_mask(self.path / self.manifest["fmri"]["mask_file"])
+
+
+def open_store(path: Union[str, Path]) -> Store:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(path, "no manifest.json", expected="a store made by `giblet data prepare`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(manifest_path, f"not valid JSON ({error})", expected="a manifest written by giblet") from None
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            manifest_path,
+            f"schema version {version}",
+            expected=f"version {SCHEMA_VERSION}",
+            fix="prepare the store again with this version of giblet",
+        )
+    return Store(path, manifest)
+
+
+# --------------------------------------------------------------------------- preparing a store
+
+
+def _entry(file: str, array_or_dtype, shape=None) -> Dict[str, Any]:
+    if shape is None:
+        return {"file": file, "dtype": str(array_or_dtype.dtype), "shape": list(array_or_dtype.shape)}
+    return {"file": file, "dtype": str(np.dtype(array_or_dtype)), "shape": list(shape)}
+
+
+def _counts(rate: float, start_s: float, n_samples: int, onsets: np.ndarray, window_s: float) -> Dict[str, int]:
+    low, high = alignment_mod.window_counts(rate, onsets - start_s, window_s, n_samples)
+    return {"min": low, "max": high}
+
+
+def _per_window(rate, start_s, n_samples, onsets, tr_s, lookback_s) -> Dict[str, Dict[str, int]]:
+    """Samples per TR and per model window, counted from exact times (never rounded per-TR counts)."""
+    return {
+        "per_tr": _counts(rate, start_s, n_samples, onsets, tr_s),
+        "per_window": _counts(rate, start_s, n_samples, onsets - lookback_s, lookback_s + tr_s),
+    }
+
+
+def _write_video(movie: Path, info, config: Config, tmp: Path, progress: bool) -> Dict[str, Any]:
+    from giblet.data import video
+
+    width, height = config.video.width, config.video.height
+    frame_bytes = height * width * 3
+    decoded = tmp / "video_decoded.bin"
+    times: List[np.ndarray] = []
+    with open(decoded, "wb") as handle:
+        for frames, chunk_times in video.iter_frames(movie, width, height, progress=progress):
+            handle.write(np.ascontiguousarray(frames, dtype=np.uint8).tobytes())
+            times.append(np.asarray(chunk_times, dtype=np.float64))
+    frame_times = np.concatenate(times) if times else np.zeros(0)
+    if frame_times.size == 0:
+        raise DataError(movie, "no video frame could be decoded", expected="an H.264 (or other) video stream with frames")
+    n_decoded = frame_times.size
+    fps = float(info.fps)
+    if video.is_regular(frame_times, fps):
+        os.replace(decoded, tmp / "video_frames.bin")
+        stored_times = frame_times
+        regular = "as decoded"
+    else:
+        # Variable frame rate: store the frame on screen at each tick of a regular clock (no stretching).
+        duration = float(frame_times[-1] + 1.0 / fps)
+        index = video.regular_grid_index(frame_times, fps, duration)
+        source = np.memmap(decoded, dtype=np.uint8, mode="r", shape=(n_decoded, height, width, 3))
+        with open(tmp / "video_frames.bin", "wb") as handle:
+            for start in range(0, index.size, 1024):
+                handle.write(np.ascontiguousarray(source[index[start : start + 1024]]).tobytes())
+        del source
+        decoded.unlink()
+        stored_times = np.arange(index.size, dtype=np.float64) / fps
+        regular = f"resampled from {n_decoded} variable-rate frames to the nearest earlier frame at {info.fps_fraction} fps"
+    np.save(tmp / "video_times.npy", stored_times)
+    n_frames = stored_times.size
+    assert (tmp / "video_frames.bin").stat().st_size == n_frames * frame_bytes
+    return {
+        **_entry("video_frames.bin", np.uint8, (n_frames, height, width, 3)),
+        "times_file": "video_times.npy",
+        "rate_hz": fps,
+        "fps_fraction": info.fps_fraction,
+        "start_s": 0.0,
+        "regular": regular,
+        "n_decoded_frames": int(n_decoded),
+        "source_size": [info.width, info.height],
+        "duration_s": float(n_frames / fps),
+    }
+
+
+def _write_audio(movie: Path, config: Config, tmp: Path, progress: bool) -> Dict[str, Any]:
+    from giblet.data import audio
+
+    features = config.audio.features
+    if not features:
+        return {"features": []}
+    samples, rate, start_s = audio.read_audio(movie, progress=progress)
+    result: Dict[str, Any] = {
+        "features": list(features),
+        "sample_rate": int(rate),
+        "duration_s": float(samples.size / rate),
+        "start_s": float(start_s),
+    }
+    if "mel" in features:
+        mel, mel_rate = audio.mel_spectrogram(samples, rate, n_mels=config.audio.n_mels, frame_rate_hz=config.audio.mel_rate_hz)
+        mel16 = mel.astype(np.float16)
+        np.save(tmp / "audio_mel.npy", mel16)
+        result["mel"] = {**_entry("audio_mel.npy", mel16), "rate_hz": float(mel_rate), "start_s": float(start_s), "n_mels": int(mel.shape[1])}
+    if "codes" in features:
+        model = audio.load_encodec(config.audio.encodec_model, config.audio.bandwidth_kbps)
+        codes = audio.encode_codes(samples, rate, model, progress=progress)
+        n_q = audio.n_codebooks(config.audio.bandwidth_kbps)
+        codes = audio.check_codes(codes, n_q, f"EnCodec codes of {movie}")
+        np.save(tmp / "audio_codes.npy", codes)
+        result["codes"] = {
+            **_entry("audio_codes.npy", codes),
+            "rate_hz": float(model.frame_rate),
+            "start_s": float(start_s),
+            "n_codebooks": int(n_q),
+            "codebook_size": int(model.quantizer.bins),
+            "bandwidth_kbps": float(config.audio.bandwidth_kbps),
+            "model": config.audio.encodec_model,
+            "model_sample_rate": int(model.sample_rate),
+        }
+    return result
+
+
+def _write_text(annotations: Path, config: Config, tmp: Path, progress: bool) -> Dict[str, Any]:
+    from giblet.data import text
+
+    t = config.text
+    segments = text.read_annotations(annotations, t.start_column, t.end_column, tuple(t.text_columns), t.sheet)
+    embedder = text.load_embedder(t.embedder)
+    embeddings = text.embed_texts(segments.texts, embedder, batch_size=t.batch_size, progress=progress).astype(np.float16)
+    np.save(tmp / "text_embeddings.npy", embeddings)
+    np.save(tmp / "text_times.npy", np.stack([segments.starts, segments.ends], axis=1).astype(np.float64))
+    (tmp / "text.json").write_text(json.dumps(list(segments.texts), ensure_ascii=False))
+    return {
+        **_entry("text_embeddings.npy", embeddings),
+        "times_file": "text_times.npy",
+        "texts_file": "text.json",
+        "embedding_size": int(embeddings.shape[1] if embeddings.size else text.embedding_size(embedder)),
+        "embedder": t.embedder,
+        "n_segments": int(len(segments.texts)),
+        "n_skipped_rows": int(segments.n_skipped),
+    }
+
+
+def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Path, progress: bool) -> Dict[str, Any]:
+    from giblet.data import fmri
+
+    stop = align.first_tr + align.n_trs
+    mask, valid_counts = fmri.shared_mask(sources.fmri, config.fmri.min_subject_fraction, n_trs=stop, progress=progress)
+    n_voxels = int(mask.sum())
+    if n_voxels == 0:
+        raise DataError(
+            sources.fmri[0].parent,
+            "the shared mask is empty: no voxel is valid in enough subjects",
+            expected=f"voxels valid in at least {config.fmri.min_subject_fraction:.0%} of subjects",
+            fix="lower fmri.min_subject_fraction or drop the subject with the smallest valid count via data.subjects",
+        )
+    fmri.write_mask(mask, infos[0].affine, tmp / "mask.nii.gz")
+    dtype = np.dtype(config.fmri.dtype)
+    shape = (len(sources.fmri), align.n_trs, n_voxels)
+    responses = np.memmap(tmp / "fmri.bin", dtype=dtype, mode="w+", shape=shape)
+    total = np.zeros((align.n_trs, n_voxels), dtype=np.float64)
+    train = slice(*blocks["train"])
+    with bar("fMRI: extract and z-score", total=len(sources.fmri), show=progress) as progress_bar:
+        for s, path in enumerate(sources.fmri):
+            series = fmri.extract(path, mask, n_trs=stop)[align.first_tr : stop]
+            z, _, _ = fmri.zscore(series, train)
+            responses[s] = z.astype(dtype)
+            total += z
+            del series, z
+            progress_bar.advance(1)
+    responses.flush()
+    del responses
+    mean = np.memmap(tmp / "fmri_mean.bin", dtype=dtype, mode="w+", shape=shape[1:])
+    mean[:] = (total / len(sources.fmri)).astype(dtype)
+    mean.flush()
+    del mean
+    return {
+        **_entry("fmri.bin", dtype, shape),
+        "mean_file": "fmri_mean.bin",
+        "mask_file": "mask.nii.gz",
+        "subjects": list(sources.subjects),
+        "n_voxels": n_voxels,
+        "grid_shape": list(mask.shape),
+        "affine": np.asarray(infos[0].affine).tolist(),
+        "mask_rule": fmri.VALIDITY_RULE,
+        "min_subject_fraction": config.fmri.min_subject_fraction,
+        "valid_voxels_per_subject": [int(v) for v in valid_counts],
+        "zscore": "per subject and voxel, mean and standard deviation from the train TRs only",
+    }
+
+
+def _check_fmri_headers(sources: Sources):
+    from giblet.data import fmri
+
+    infos = [fmri.probe_nifti(path) for path in sources.fmri]
+    first = infos[0]
+    for info in infos[1:]:
+        if abs(info.tr_s - first.tr_s) > 1e-6:
+            raise DataError(info.path, f"TR is {info.tr_s:g} s", expected=f"the TR of {first.path}, {first.tr_s:g} s")
+        if tuple(info.shape[:3]) != tuple(first.shape[:3]):
+            raise DataError(info.path, f"grid is {tuple(info.shape[:3])}", expected=f"the grid of {first.path}, {tuple(first.shape[:3])}")
+    return infos
+
+
+def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
+    """Everything about a folder that can be known from headers alone: sources, TR, alignment, splits."""
+    from giblet.data import video
+
+    sources = find_sources(data_dir, config)
+    movie = video.probe_movie(sources.movie)
+    infos = _check_fmri_headers(sources)
+    fmri_trs = min(info.n_trs for info in infos)
+    notes = []
+    if any(info.n_trs != fmri_trs for info in infos):
+        counts = ", ".join(f"s{s}: {i.n_trs}" for s, i in zip(sources.subjects, infos))
+        notes.append(f"subjects have different TR counts ({counts}); the first {fmri_trs} of each are used")
+    a = config.alignment
+    align = alignment_mod.align(
+        movie.duration_s,
+        fmri_trs,
+        infos[0].tr_s,
+        a.stimulus_onset_s,
+        a.max_stimulus_beyond_s,
+        a.max_fmri_beyond_s,
+        stimulus_source=str(sources.movie),
+        fmri_source=str(sources.fmri[0]),
+    )
+    align.notes = notes + align.notes
+    w = config.window
+    gap = gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s)
+    blocks, gap_trs = split_blocks(
+        align.n_trs,
+        align.tr_s,
+        config.split.val_fraction,
+        config.split.test_fraction,
+        gap,
+        min_gap_s=w.lookback_s + w.hrf_length_s,
+        source=str(Path(data_dir)),
+    )
+    return {"sources": sources, "movie": movie, "fmri_infos": infos, "alignment": align, "blocks": blocks, "gap_trs": gap_trs}
+
+
+def prepare(
+    data_dir: Union[str, Path],
+    config: Config,
+    out: Union[str, Path],
+    progress: bool = True,
+    force: bool = False,
+) -> Store:
+    """Prepare (or reuse) the store of ``data_dir`` under ``config`` at ``out``."""
+    out = Path(out)
+    layout = plan(data_dir, config)
+    sources = layout["sources"]
+    known = None
+    if (out / MANIFEST).is_file():
+        try:
+            existing = open_store(out)
+            known = existing.manifest.get("sources")
+        except DataError:
+            existing = None
+    else:
+        existing = None
+    digests = _source_digests(sources, known)
+    key = store_key(digests, config)
+    if existing is not None and existing.key == key and not force:
+        log.info("reusing store %s (key %s)", out, key)
+        return existing
+
+    align = layout["alignment"]
+    for note in align.notes:
+        log.warning("%s", note)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        manifest: Dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "key": key,
+            "giblet_version": giblet.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "data_dir": str(Path(data_dir).resolve()),
+            "sources": digests,
+            "settings": config.section(*STORE_SECTIONS),
+        }
+        onsets = alignment_mod.tr_onsets(align.n_trs, align.tr_s, align.stimulus_onset_s, align.first_tr)
+        lookback = config.window.lookback_s
+        manifest["alignment"] = {
+            "tr_s": align.tr_s,
+            "stimulus_onset_s": align.stimulus_onset_s,
+            "stimulus_duration_s": align.stimulus_duration_s,
+            "fmri_trs": align.fmri_trs,
+            "first_tr": align.first_tr,
+            "n_trs": align.n_trs,
+            "fmri_beyond_s": align.fmri_beyond_s,
+            "stimulus_beyond_s": align.stimulus_beyond_s,
+            "notes": align.notes,
+        }
+        manifest["splits"] = {"blocks": {k: list(v) for k, v in layout["blocks"].items()}, "gap_trs": layout["gap_trs"]}
+        manifest["window"] = {"lookback_s": lookback, "window_s": lookback + align.tr_s, **config.section("window")["window"]}
+
+        video_entry = _write_video(sources.movie, layout["movie"], config, tmp, progress)
+        video_entry.update(_per_window(video_entry["rate_hz"], 0.0, video_entry["shape"][0], onsets, align.tr_s, lookback))
+        manifest["video"] = video_entry
+
+        audio_entry = _write_audio(sources.movie, config, tmp, progress)
+        for name in ("codes", "mel"):
+            if name in audio_entry:
+                e = audio_entry[name]
+                e.update(_per_window(e["rate_hz"], e["start_s"], e["shape"][1 if name == "codes" else 0], onsets, align.tr_s, lookback))
+        manifest["audio"] = audio_entry
+
+        manifest["text"] = _write_text(sources.annotations, config, tmp, progress)
+        manifest["fmri"] = _write_fmri(sources, layout["fmri_infos"], align, layout["blocks"], config, tmp, progress)
+        manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_store(out)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished store into place; an older store at ``out`` is replaced only after the new one is complete."""
+    if out.exists():
+        if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+            raise DataError(out, "exists and is not a giblet store", expected="a new folder, or a store to replace")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def directory_size(path: Union[str, Path]) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
