@@ -76,3 +76,26 @@ def download(
 
     path = fetch(data, url, sha256)
     console.print(f"dataset in {path}")
+
+
+@app.command()
+@fail_cleanly
+def bench(
+    store: Path = typer.Argument(..., help="A store made by `giblet data prepare`."),
+    batch: int = typer.Option(16, min=1, help="Windows per batch."),
+    repeats: int = typer.Option(100, min=1, help="Timed batches per case."),
+) -> None:
+    """Time reading random batches of windows from a store (warm page cache)."""
+    from rich.table import Table
+
+    from giblet.data.bench import batch_read_times
+    from giblet.data.store import directory_size, open_store
+
+    opened = open_store(store)
+    results = batch_read_times(opened, batch, repeats)
+    table = Table(title=f"reading batches of {batch} random windows from {store} ({directory_size(store) / 2**30:.2f} GiB)")
+    for column in ("case", "median ms", "p95 ms", "max ms"):
+        table.add_column(column, justify="left" if column == "case" else "right")
+    for case, row in results.items():
+        table.add_row(case, f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['max_ms']:.2f}")
+    console.print(table)

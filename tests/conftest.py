@@ -25,3 +25,33 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- data fixtures (synthesized once per session)
+
+STORE_SETTINGS = {
+    "audio": {"features": ["mel", "codes"], "encodec_model": "random", "bandwidth_kbps": 6.0},
+    "window": {"lookback_s": 8.0, "hrf_length_s": 16.0},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A `tiny` synthetic dataset in the Sherlock layout (read-only: copy it before changing anything)."""
+    from giblet.data.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth") / "tiny", "tiny", seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from giblet.config import from_dict
+
+    return from_dict(STORE_SETTINGS, "test settings")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_data, tiny_config, tmp_path_factory):
+    from giblet.data.store import prepare
+
+    return prepare(tiny_data, tiny_config, tmp_path_factory.mktemp("stores") / "tiny", progress=False)

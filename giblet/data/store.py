@@ -534,9 +534,9 @@ def prepare(
         manifest["splits"] = {"blocks": {k: list(v) for k, v in layout["blocks"].items()}, "gap_trs": layout["gap_trs"]}
         manifest["window"] = {"lookback_s": lookback, "window_s": lookback + align.tr_s, **config.section("window")["window"]}
 
-        video_entry = _write_video(sources.movie, layout["movie"], config, tmp, progress)
-        video_entry.update(_per_window(video_entry["rate_hz"], 0.0, video_entry["shape"][0], onsets, align.tr_s, lookback))
-        manifest["video"] = video_entry
+        # Cheapest first, so a bad annotation, scan or soundtrack fails before the long video decode.
+        manifest["text"] = _write_text(sources.annotations, config, tmp, progress)
+        manifest["fmri"] = _write_fmri(sources, layout["fmri_infos"], align, layout["blocks"], config, tmp, progress)
 
         audio_entry = _write_audio(sources.movie, config, tmp, progress)
         for name in ("codes", "mel"):
@@ -545,8 +545,9 @@ def prepare(
                 e.update(_per_window(e["rate_hz"], e["start_s"], e["shape"][1 if name == "codes" else 0], onsets, align.tr_s, lookback))
         manifest["audio"] = audio_entry
 
-        manifest["text"] = _write_text(sources.annotations, config, tmp, progress)
-        manifest["fmri"] = _write_fmri(sources, layout["fmri_infos"], align, layout["blocks"], config, tmp, progress)
+        video_entry = _write_video(sources.movie, layout["movie"], config, tmp, progress)
+        video_entry.update(_per_window(video_entry["rate_hz"], 0.0, video_entry["shape"][0], onsets, align.tr_s, lookback))
+        manifest["video"] = video_entry
         manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _install(tmp, out)

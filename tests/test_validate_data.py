@@ -1,0 +1,53 @@
+"""`giblet validate --data`: a pass/fail table for the folder before any training, exit 1 on any failure."""
+
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from giblet_cli.main import app
+
+runner = CliRunner()
+
+
+def test_synthetic_data_passes(tiny_data, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("audio:\n  features: [mel, codes]\n  encodec_model: random\n")
+    result = runner.invoke(app, ["validate", "--data", str(tiny_data), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    output = result.output
+    for row in ("layout", "movie", "soundtrack", "annotations", "fMRI headers", "alignment", "frames per TR", "codes per TR",
+                "splits", "shared mask", "text embedder", "EnCodec"):
+        assert row in output, row
+    assert "37-38 per 1.5 s TR" in output  # 25 fps: 37.5 frames per TR, from exact times
+    assert "112-113 EnCodec frames per TR" in output
+    assert "FAIL" not in output and "data checks passed" in output
+
+
+def test_a_broken_folder_fails_with_every_problem_listed(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("_truth"))
+    subject = sorted((data / "sherlock_nii").glob("*.nii.gz"))[0]
+    raw = subject.read_bytes()
+    subject.write_bytes(raw[: len(raw) // 2])
+    (data / "annotations.xlsx").write_bytes(b"not a spreadsheet")
+    result = runner.invoke(app, ["validate", "--data", str(data)])
+    assert result.exit_code == 1, result.output
+    assert "annotations.xlsx" in result.output
+    assert subject.name in result.output
+    assert "data checks failed" in result.output
+
+
+def test_missing_layout_fails(tmp_path):
+    result = runner.invoke(app, ["validate", "--data", str(tmp_path), "--quick"])
+    assert result.exit_code == 1
+    assert "stimuli_Sherlock.m4v" in result.output and "file not found" in result.output
+
+
+def test_an_unknown_config_key_is_an_error_naming_the_nearest_key(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("window:\n  lookbak_s: 4\n")
+    result = runner.invoke(app, ["validate", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "window.lookback_s" in result.output
