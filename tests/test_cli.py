@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from giblet import ops_reference
-from giblet.bench import peak_extra_in_process
 from giblet_cli.main import app
 
 runner = CliRunner()
@@ -73,14 +72,29 @@ def test_bench_rejects_an_unknown_size():
     assert "Invalid value for '--size'" in text and "'huge' is not one of 'sherlock', 'small'" in text
 
 
+PEAK_PROBE = """
+import torch
+from giblet.bench import peak_extra_in_process
+
+def scratch():
+    torch.ones(64 * 2**20 // 4).sum()  # a 64 MiB temporary
+    return []
+
+def result():
+    return [torch.ones(64 * 2**20 // 4)]  # 64 MiB returned: not extra
+
+cpu = torch.device("cpu")
+print(peak_extra_in_process(scratch, cpu), peak_extra_in_process(result, cpu))
+"""
+
+
 def test_peak_extra_counts_scratch_memory_not_results():
-    def scratch():
-        torch.ones(64 * 2**20 // 4).sum()  # a 64 MiB temporary
-        return []
+    # A fresh process with the allocator settings of the bench's probes: in this
+    # process, memory freed by earlier tests would be reused and hide the peak.
+    import os
 
-    def result():
-        return [torch.ones(64 * 2**20 // 4)]  # 64 MiB returned: not extra
-
-    cpu = torch.device("cpu")
-    assert peak_extra_in_process(scratch, cpu) > 48 * 2**20
-    assert peak_extra_in_process(result, cpu) < 8 * 2**20
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE], env=env, capture_output=True, text=True, check=True)
+    scratch, result = (int(v) for v in done.stdout.split())
+    assert scratch > 48 * 2**20
+    assert result < 8 * 2**20
