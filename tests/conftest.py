@@ -31,7 +31,7 @@ def _seed():
 
 STORE_SETTINGS = {
     "audio": {"features": ["mel", "codes"], "encodec_model": "random", "bandwidth_kbps": 6.0},
-    "window": {"lookback_s": 8.0, "hrf_length_s": 16.0},
+    "window": {"lookback_s": 8.0, "hrf_length_s": 20.0},
 }
 
 

@@ -76,3 +76,12 @@ def test_no_dimension_is_configurable():
     for dimension in ("n_voxels", "voxels", "n_codebooks", "embedding_size", "frames_per_window"):
         assert f"'{dimension}'" not in keys
     assert set(STORE_SECTIONS) <= set(Config().to_dict())
+
+
+def test_the_documented_defaults_are_the_defaults():
+    from pathlib import Path
+
+    documented = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"
+    assert load_config(documented) == load_config(None)
+    for example in ("demo.yaml",):
+        load_config(documented.parent / example)

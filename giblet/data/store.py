@@ -391,23 +391,23 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
     fmri.write_mask(mask, infos[0].affine, tmp / "mask.nii.gz")
     dtype = np.dtype(config.fmri.dtype)
     shape = (len(sources.fmri), align.n_trs, n_voxels)
-    responses = np.memmap(tmp / "fmri.bin", dtype=dtype, mode="w+", shape=shape)
-    total = np.zeros((align.n_trs, n_voxels), dtype=np.float64)
+    # Plain sequential writes, not a writable memmap: the written pages then belong to the
+    # page cache, not to this process, and peak memory stays one subject's worth.
+    total = np.zeros((align.n_trs, n_voxels), dtype=np.float32)
     train = slice(*blocks["train"])
-    with bar("fMRI: extract and z-score", total=len(sources.fmri), show=progress) as progress_bar:
-        for s, path in enumerate(sources.fmri):
+    with open(tmp / "fmri.bin", "wb") as handle, bar("fMRI: extract and z-score", total=len(sources.fmri), show=progress) as progress_bar:
+        for path in sources.fmri:
             series = fmri.extract(path, mask, n_trs=stop)[align.first_tr : stop]
             z, _, _ = fmri.zscore(series, train)
-            responses[s] = z.astype(dtype)
+            del series
+            z.astype(dtype).tofile(handle)
             total += z
-            del series, z
+            del z
             progress_bar.advance(1)
-    responses.flush()
-    del responses
-    mean = np.memmap(tmp / "fmri_mean.bin", dtype=dtype, mode="w+", shape=shape[1:])
-    mean[:] = (total / len(sources.fmri)).astype(dtype)
-    mean.flush()
-    del mean
+    total /= len(sources.fmri)
+    total.astype(dtype).tofile(tmp / "fmri_mean.bin")
+    del total
+    assert (tmp / "fmri.bin").stat().st_size == math.prod(shape) * dtype.itemsize
     return {
         **_entry("fmri.bin", dtype, shape),
         "mean_file": "fmri_mean.bin",
