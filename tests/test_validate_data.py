@@ -2,8 +2,6 @@
 
 import shutil
 
-import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from giblet_cli.main import app

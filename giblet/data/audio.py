@@ -112,7 +112,7 @@ def mel_spectrogram(
         raise ValueError(f"samples must be mono (1-D), got shape {samples.shape}")
     if not rate > 0 or not frame_rate_hz > 0:
         raise ValueError(f"rate and frame_rate_hz must be positive, got {rate} and {frame_rate_hz}")
-    hop = int(round(rate / frame_rate_hz))
+    hop = mel_hop(rate, frame_rate_hz)
     if hop < 2:
         raise ValueError(f"frame_rate_hz={frame_rate_hz} is too high for {rate} Hz audio (hop of {hop} samples)")
     nyquist = rate / 2
@@ -149,8 +149,24 @@ def n_codebooks(bandwidth_kbps: float, model: str = "encodec_24khz") -> int:
     return int(round(bandwidth_kbps / per_codebook))
 
 
-def _architecture(model) -> str:
+def architecture(model) -> str:
+    """``encodec_24khz`` or ``encodec_48khz``: the architecture of a loaded model."""
     return "encodec_48khz" if model.sample_rate == 48_000 else "encodec_24khz"
+
+
+def named_architecture(model_name: str) -> str:
+    """The architecture named by ``audio.encodec_model``; checkpoints and "random" are taken as 24 kHz."""
+    return "encodec_48khz" if model_name == "encodec_48khz" else "encodec_24khz"
+
+
+def code_rate_hz(model_name: str) -> float:
+    """Code frames per second of the model named by ``audio.encodec_model``."""
+    return 150.0 if named_architecture(model_name) == "encodec_48khz" else 75.0
+
+
+def mel_hop(rate: int, frame_rate_hz: float) -> int:
+    """Samples per mel frame: the frame rate is exactly ``rate / mel_hop(rate, frame_rate_hz)``."""
+    return int(round(rate / frame_rate_hz))
 
 
 @contextmanager
@@ -223,7 +239,7 @@ def load_encodec(model: Union[str, Path] = "encodec_24khz", bandwidth: float = 6
     try:
         net.set_target_bandwidth(float(bandwidth))
     except ValueError:
-        n_codebooks(float(bandwidth), _architecture(net))  # raises, naming the valid bandwidths
+        n_codebooks(float(bandwidth), architecture(net))  # raises, naming the valid bandwidths
         raise
     return net.eval()
 
@@ -280,7 +296,7 @@ def encode_codes(samples: np.ndarray, rate: int, model, chunk_s: float = 30.0, p
         chunk = min(chunk, (model.segment_length // hop) * hop)
     if model.bandwidth is None:
         raise ValueError("the EnCodec model has no target bandwidth: load it with load_encodec(..., bandwidth=...)")
-    n_q = n_codebooks(float(model.bandwidth), _architecture(model))
+    n_q = n_codebooks(float(model.bandwidth), architecture(model))
     n_total = int(math.ceil(samples.size / hop))
     device = next(model.parameters()).device
     pieces = []

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
 from giblet.config import Config
 from giblet.data import alignment as alignment_mod
-from giblet.data.splits import gap_seconds, split_blocks
 from giblet.errors import DataError, GibletError
 
 PASS, WARN, FAIL = "pass", "warn", "FAIL"
-# EnCodec's code frame rate per model; a checkpoint path is the 24 kHz architecture.
-ENCODEC_RATES = {"encodec_48khz": 150.0}
-ENCODEC_24KHZ_RATE = 75.0
 
 
 @dataclass
@@ -49,7 +44,7 @@ def _range(low: int, high: int) -> str:
 def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = True) -> List[Check]:
     """Run every check on ``data_dir``; ``deep`` reads each fMRI file's data, ``load_models`` loads the embedder/EnCodec."""
     from giblet.data import audio, fmri, text, video
-    from giblet.data.store import find_sources
+    from giblet.data.store import align_sources, check_consistent_headers, find_sources, split_trs
 
     report = _Report()
     try:
@@ -113,27 +108,22 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             header_ok = False
     if infos:
         first = infos[0]
-        mismatched = [i for i in infos if abs(i.tr_s - first.tr_s) > 1e-6 or tuple(i.shape[:3]) != tuple(first.shape[:3])]
         trs = [i.n_trs for i in infos]
-        if mismatched:
-            header_ok = False
-            bad = mismatched[0]
-            report.add("fMRI headers", FAIL, f"{bad.path}: TR {bad.tr_s:g} s, grid {tuple(bad.shape[:3])}; expected those of {first.path}: TR {first.tr_s:g} s, grid {tuple(first.shape[:3])}")
-        else:
+        try:
+            check_consistent_headers(infos)
             report.add(
                 "fMRI headers",
                 PASS if header_ok else FAIL,
                 f"{len(infos)} files, grid {tuple(first.shape[:3])}, TR {first.tr_s:g} s, TRs {_range(min(trs), max(trs))}",
             )
+        except DataError as error:
+            header_ok = False
+            report.fail("fMRI headers", error)
 
     align = None
     if movie is not None and infos and header_ok:
-        a = config.alignment
         try:
-            align = alignment_mod.align(
-                movie.duration_s, min(i.n_trs for i in infos), infos[0].tr_s, a.stimulus_onset_s, a.max_stimulus_beyond_s,
-                a.max_fmri_beyond_s, str(sources.movie), str(sources.fmri[0]),
-            )
+            align = align_sources(sources, movie, infos, config)
             detail = f"{align.n_trs} TRs used (scan TRs {align.first_tr}-{align.first_tr + align.n_trs - 1})"
             if align.notes:
                 detail += "; " + "; ".join(align.notes)
@@ -156,11 +146,11 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
         )
         audio_s = movie.audio_duration_s or movie.duration_s
         if "codes" in config.audio.features or movie.has_audio:
-            rate = ENCODEC_RATES.get(config.audio.encodec_model, ENCODEC_24KHZ_RATE)
+            rate = audio.code_rate_hz(config.audio.encodec_model)
             n_codes = int(math.ceil(audio_s * rate))
             low, high = alignment_mod.window_counts(rate, onsets, align.tr_s, n_codes)
             try:
-                n_q = audio.n_codebooks(config.audio.bandwidth_kbps)
+                n_q = audio.n_codebooks(config.audio.bandwidth_kbps, audio.named_architecture(config.audio.encodec_model))
                 report.add(
                     "codes per TR",
                     PASS if low > 0 else FAIL,
@@ -169,17 +159,13 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             except (GibletError, ValueError) as error:
                 report.fail("codes per TR", error)
         if "mel" in config.audio.features and movie.has_audio:
-            rate = movie.audio_rate / max(1, round(movie.audio_rate / config.audio.mel_rate_hz))
+            rate = movie.audio_rate / audio.mel_hop(movie.audio_rate, config.audio.mel_rate_hz)
             low, high = alignment_mod.window_counts(rate, onsets, align.tr_s, int(audio_s * rate))
             report.add("mel per TR", PASS if low > 0 else FAIL, f"{_range(low, high)} mel frames per TR at {rate:.3f} Hz")
         try:
-            gap = gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s)
-            blocks, gap_trs = split_blocks(
-                align.n_trs, align.tr_s, config.split.val_fraction, config.split.test_fraction, gap,
-                min_gap_s=w.lookback_s + w.hrf_length_s, source=str(data_dir),
-            )
+            blocks, gap_trs = split_trs(align, config, str(data_dir))
             sizes = ", ".join(f"{k} {v[1] - v[0]} (TRs {v[0]}-{v[1] - 1})" for k, v in blocks.items() if v[1] > v[0])
-            report.add("splits", PASS, f"{sizes}; gaps of {gap_trs} TRs ({gap:g} s)")
+            report.add("splits", PASS, f"{sizes}; gaps of {gap_trs} TRs ({gap_trs * align.tr_s:g} s)")
         except GibletError as error:
             report.fail("splits", error)
 
@@ -236,7 +222,7 @@ def _check_fmri_data(report: _Report, sources, config: Config, align) -> None:
                 report.fail(f"fMRI s{subject}", error)
             progress.advance(1)
     if counts is not None:
-        need = math.ceil(config.fmri.min_subject_fraction * len(sources.fmri) - 1e-9)
+        need = fmri.subjects_required(config.fmri.min_subject_fraction, len(sources.fmri))
         n_mask = int((counts >= need).sum())
         report.add(
             "shared mask",

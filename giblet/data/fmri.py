@@ -162,6 +162,11 @@ def valid_voxels(data: np.ndarray) -> np.ndarray:
     return valid
 
 
+def subjects_required(min_fraction: float, n_subjects: int) -> int:
+    """How many subjects a voxel must be valid in to enter the shared mask."""
+    return max(1, math.ceil(min_fraction * n_subjects - 1e-9))
+
+
 def shared_mask(
     paths: Sequence[PathLike],
     min_fraction: float = 1.0,
@@ -190,7 +195,7 @@ def shared_mask(
                             expected=f"the first subject's affine {first.affine.round(4).tolist()} ({first.path})",
                             fix="resample every subject to one space before preparing")
     # The small epsilon keeps e.g. 0.3 x 10 = 3.0000000000000004 from demanding 4 subjects.
-    required = max(1, math.ceil(min_fraction * len(paths) - 1e-9))
+    required = subjects_required(min_fraction, len(paths))
     valid_subject_count = np.zeros(first.shape[:3], dtype=np.int32)
     valid_per_subject: List[int] = []
     with bar("fMRI mask", total=len(paths), show=progress) as progress_bar:

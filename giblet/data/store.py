@@ -338,7 +338,7 @@ def _write_audio(movie: Path, config: Config, tmp: Path, progress: bool) -> Dict
     if "codes" in features:
         model = audio.load_encodec(config.audio.encodec_model, config.audio.bandwidth_kbps)
         codes = audio.encode_codes(samples, rate, model, progress=progress)
-        n_q = audio.n_codebooks(config.audio.bandwidth_kbps)
+        n_q = audio.n_codebooks(config.audio.bandwidth_kbps, audio.architecture(model))
         codes = audio.check_codes(codes, n_q, f"EnCodec codes of {movie}")
         np.save(tmp / "audio_codes.npy", codes)
         result["codes"] = {
@@ -423,26 +423,26 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
     }
 
 
-def _check_fmri_headers(sources: Sources):
-    from giblet.data import fmri
-
-    infos = [fmri.probe_nifti(path) for path in sources.fmri]
+def check_consistent_headers(infos) -> None:
+    """Every subject must share the first one's TR and voxel grid."""
     first = infos[0]
     for info in infos[1:]:
         if abs(info.tr_s - first.tr_s) > 1e-6:
             raise DataError(info.path, f"TR is {info.tr_s:g} s", expected=f"the TR of {first.path}, {first.tr_s:g} s")
         if tuple(info.shape[:3]) != tuple(first.shape[:3]):
             raise DataError(info.path, f"grid is {tuple(info.shape[:3])}", expected=f"the grid of {first.path}, {tuple(first.shape[:3])}")
+
+
+def _check_fmri_headers(sources: Sources):
+    from giblet.data import fmri
+
+    infos = [fmri.probe_nifti(path) for path in sources.fmri]
+    check_consistent_headers(infos)
     return infos
 
 
-def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
-    """Everything about a folder that can be known from headers alone: sources, TR, alignment, splits."""
-    from giblet.data import video
-
-    sources = find_sources(data_dir, config)
-    movie = video.probe_movie(sources.movie)
-    infos = _check_fmri_headers(sources)
+def align_sources(sources: Sources, movie, infos, config: Config) -> alignment_mod.Alignment:
+    """The scan TRs the movie covers (subjects with more TRs than the shortest are cut to it, with a note)."""
     fmri_trs = min(info.n_trs for info in infos)
     notes = []
     if any(info.n_trs != fmri_trs for info in infos):
@@ -460,17 +460,32 @@ def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
         fmri_source=str(sources.fmri[0]),
     )
     align.notes = notes + align.notes
+    return align
+
+
+def split_trs(align: alignment_mod.Alignment, config: Config, source: str):
+    """Train / val / test blocks of the aligned TRs, and the gap between them in TRs."""
     w = config.window
-    gap = gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s)
-    blocks, gap_trs = split_blocks(
+    return split_blocks(
         align.n_trs,
         align.tr_s,
         config.split.val_fraction,
         config.split.test_fraction,
-        gap,
+        gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s),
         min_gap_s=w.lookback_s + w.hrf_length_s,
-        source=str(Path(data_dir)),
+        source=source,
     )
+
+
+def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
+    """Everything about a folder that can be known from headers alone: sources, TR, alignment, splits."""
+    from giblet.data import video
+
+    sources = find_sources(data_dir, config)
+    movie = video.probe_movie(sources.movie)
+    infos = _check_fmri_headers(sources)
+    align = align_sources(sources, movie, infos, config)
+    blocks, gap_trs = split_trs(align, config, str(Path(data_dir)))
     return {"sources": sources, "movie": movie, "fmri_infos": infos, "alignment": align, "blocks": blocks, "gap_trs": gap_trs}
 
 
