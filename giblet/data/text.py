@@ -260,6 +260,10 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu"):
         raise _load_failed(name, "no such directory")
     else:
         location, offline = name, _offline_requested()
+    from transformers.utils import logging as transformers_logging
+
+    # transformers draws its own "Loading weights" bar on every load; giblet's bars are the ones that matter.
+    transformers_logging.disable_progress_bar()
     try:
         with _hub_offline(offline):
             return SentenceTransformer(location, device=device)
