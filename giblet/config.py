@@ -94,6 +94,35 @@ class DatasetConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Widths of the 13 layers; the dimensions of the data come from the store."""
+
+    frame_features: int = 256  # L1 video: shared per-frame projection (gather_project) width
+    code_features: int = 64  # L1 audio: per-codebook code embeddings, summed per code frame
+    mel_features: int = 64  # L1 audio: shared projection of each mel slot
+    segment_features: int = 256  # L1 text: shared per-segment projection (gather_project) width
+    modality_width: int = 512  # L2: each modality's vector after temporal concatenation
+    hidden: List[int] = field(default_factory=lambda: [1024, 1024, 1024])  # L4-L6 widths; L8-L10 mirror them
+    dropout: float = 0.1
+    modality_dropout: float = 0.2  # chance of silencing a whole input modality of a training sample
+    slot_features: int = 128  # L12: width of each decoded slot before its output head
+    decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
+    decoded_frame_height: int = 18
+    audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
+    parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
+
+
+@dataclass
+class LossConfig:
+    fmri: float = 1.0  # MSE at L7 on z-scored targets
+    fmri_correlation: float = 0.0  # weight of the negative per-voxel correlation term over the batch
+    frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
+    codes: float = 1.0
+    mel: float = 1.0
+    text: float = 1.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -104,6 +133,8 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +150,7 @@ CHOICES = {
     ("alignment", "hrf"): ("glover", "spm"),
     ("fmri", "dtype"): ("float16", "float32"),
     ("dataset", "mode"): ("cross_subject", "per_subject"),
+    ("model", "audio_input"): ("auto", "codes", "mel"),
 }
 LIST_CHOICES = {("audio", "features"): ("mel", "codes")}
 
@@ -192,6 +224,9 @@ def _check_values(config: Config, source: str) -> None:
         ("video", "width"), ("video", "height"), ("audio", "n_mels"), ("audio", "mel_rate_hz"),
         ("window", "video_slots"), ("window", "code_slots"), ("window", "mel_slots"), ("window", "text_slots"),
         ("text", "batch_size"),
+        ("model", "frame_features"), ("model", "code_features"), ("model", "mel_features"), ("model", "segment_features"),
+        ("model", "modality_width"), ("model", "slot_features"), ("model", "decoded_frame_width"),
+        ("model", "decoded_frame_height"),
     ]
     for section, key in positive:
         value = getattr(getattr(config, section), key)
@@ -205,6 +240,15 @@ def _check_values(config: Config, source: str) -> None:
             f"{source}: split.val_fraction={s.val_fraction}, split.test_fraction={s.test_fraction}; "
             "expected fractions in [0, 1) leaving at least 10% of TRs for training"
         )
+    m = config.model
+    if not m.hidden or any(width <= 0 for width in m.hidden):
+        raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
+    for key in ("dropout", "modality_dropout"):
+        if not 0 <= getattr(m, key) < 1:
+            raise ConfigError(f"{source}: model.{key} is {getattr(m, key)}; expected a probability in [0, 1)")
+    for key, value in dataclasses.asdict(config.loss).items():
+        if value < 0:
+            raise ConfigError(f"{source}: loss.{key} is {value}; expected a weight >= 0")
     if not 0 < config.fmri.min_subject_fraction <= 1:
         raise ConfigError(f"{source}: fmri.min_subject_fraction is {config.fmri.min_subject_fraction}; expected (0, 1]")
 

@@ -1,0 +1,458 @@
+"""The 13-layer multimodal autoencoder whose layer 7 is the brain.
+
+::
+
+    L1  per modality: frames -> gather_project (shared per-frame projection, uint8 in memory);
+        codes -> resample_codes + per-codebook embeddings; mel -> grid_average + shared projection;
+        segments -> gather_project (shared per-segment projection)
+    L2  per modality: slots concatenated -> one modality vector
+    L3  fusion: modality vectors concatenated (a whole modality may be dropped in training)
+    L4-L6  encoder blocks (Linear, LayerNorm, GELU, dropout)
+    L7  bottleneck = brain space: one unit per voxel (or parcel), identity activation,
+        lesion mask (native bottleneck op); the fMRI loss is applied here
+    L8-L10 decoder blocks
+    L11 split per modality
+    L12 modality decoders: one vector per slot
+    L13 outputs: every frame slot (sigmoid, small frames), per-codebook code logits,
+        mel frames, segment embeddings
+
+Every layer is a named module (``l1_video`` ... ``l13_text``), so ``layer_table``
+can list them with their shapes and parameter counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from giblet import ops
+from giblet.config import ModelConfig
+from giblet.models.stimuli import MODALITIES, ModelDims, Stimuli
+
+Batch = Dict[str, torch.Tensor]
+
+
+class Block(nn.Module):
+    """Linear, LayerNorm, GELU, dropout: one encoder or decoder layer (LayerNorm, not BatchNorm: batches are small)."""
+
+    def __init__(self, width_in: int, width_out: int, dropout: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width_in, width_out)
+        self.norm = nn.LayerNorm(width_out)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.gelu(self.norm(self.linear(x))))
+
+
+class GatherProjection(nn.Module):
+    """L1 for table rows (frames, segment embeddings): ``gather_project`` with a shared projection."""
+
+    def __init__(self, row_size: int, features: int, scale: float = 1.0, shift: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, row_size) / math.sqrt(row_size))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.scale, self.shift = scale, shift
+
+    def forward(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return F.gelu(ops.gather_project(table, index, self.weight, self.bias, self.scale, self.shift))
+
+
+class CodeEmbedding(nn.Module):
+    """L1 for EnCodec codes: one embedding table per codebook, summed over the codebooks of a code frame."""
+
+    def __init__(self, n_codebooks: int, codebook_size: int, features: int) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.pad = n_codebooks * codebook_size  # one shared row for "no code here"
+        self.embedding = nn.Embedding(self.pad + 1, features, padding_idx=self.pad)
+        self.register_buffer("offsets", torch.arange(n_codebooks).view(1, n_codebooks, 1) * codebook_size, persistent=False)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """``codes (B, n_codebooks, slots)`` int64, -1 = pad -> ``(B, slots, features)``."""
+        ids = torch.where(codes < 0, torch.full_like(codes, self.pad), codes + self.offsets)
+        return F.gelu(self.embedding(ids).sum(dim=1))
+
+
+class SlotProjection(nn.Module):
+    """L1 for mel slots: a shared projection of each slot's averaged mel frame."""
+
+    def __init__(self, n_mels: int, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_mels, features)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.linear(mel))
+
+
+class TemporalConcat(nn.Module):
+    """L2: the slots of a window concatenated in time order, projected to one modality vector.
+
+    The LayerNorm puts every modality on the same footing at fusion, whatever the scale
+    of its input (uint8 pixels, log-mel decibels, unit-norm embeddings).
+    """
+
+    def __init__(self, slots: int, features: int, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(slots * features, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.norm(self.linear(slots.flatten(1))))
+
+
+class Fusion(nn.Module):
+    """L3: modality vectors side by side; in training, whole modalities are silenced at random."""
+
+    def __init__(self, n_modalities: int, dropout: float) -> None:
+        super().__init__()
+        self.n_modalities, self.dropout = n_modalities, dropout
+
+    def forward(self, vectors: List[torch.Tensor]) -> torch.Tensor:
+        if self.training and self.dropout > 0 and len(vectors) > 1:
+            batch = vectors[0].shape[0]
+            keep = torch.rand(batch, len(vectors), device=vectors[0].device) >= self.dropout
+            # Never silence every modality of a sample: keep one at random instead.
+            none = ~keep.any(dim=1)
+            if none.any():
+                keep[none, torch.randint(len(vectors), (int(none.sum()),), device=keep.device)] = True
+            vectors = [v * keep[:, i : i + 1].to(v.dtype) for i, v in enumerate(vectors)]
+        return torch.cat(vectors, dim=1)
+
+
+class Brain(nn.Module):
+    """L7: one unit per voxel (or parcel); native ``bottleneck`` with identity activation and the lesion mask."""
+
+    def __init__(self, width_in: int, n_units: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_units, width_in) / math.sqrt(width_in))
+        self.bias = nn.Parameter(torch.zeros(n_units))
+        self.register_buffer("keep", torch.ones(n_units, dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.bottleneck(x, self.weight, self.bias, self.keep, "identity")
+
+
+class SlotDecoder(nn.Module):
+    """L12: a modality's vector -> one feature vector per slot."""
+
+    def __init__(self, width: int, slots: int, features: int) -> None:
+        super().__init__()
+        self.slots, self.features = slots, features
+        self.linear = nn.Linear(width, slots * features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.linear(x)).view(x.shape[0], self.slots, self.features)
+
+
+class Head(nn.Module):
+    """L13: a shared output layer applied to every slot."""
+
+    def __init__(self, features: int, shape: Tuple[int, ...], sigmoid: bool = False) -> None:
+        super().__init__()
+        self.shape, self.sigmoid = shape, sigmoid
+        self.linear = nn.Linear(features, math.prod(shape))
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        out = self.linear(slots).view(*slots.shape[:2], *self.shape)
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
+class GibletAutoencoder(nn.Module):
+    """Stimulus windows -> brain (L7, one unit per voxel) -> reconstructed windows.
+
+    ``encode(batch) -> brain (B, units)``, ``decode(brain) -> reconstructions``,
+    ``forward(batch) -> {"brain", "reconstructions", "targets"}``. The stream tables
+    come from ``attach(Stimuli)``: they are data, not parameters, so they are neither
+    saved in checkpoints nor broadcast by DDP.
+    """
+
+    def __init__(self, dims: ModelDims, config: Optional[ModelConfig] = None, parcel_of_voxel: Optional[torch.Tensor] = None):
+        super().__init__()
+        config = config or ModelConfig()
+        self.dims, self.config = dims, config
+        self.modalities = [m for m in MODALITIES if dims.present(m)]
+        if not self.modalities:
+            raise ValueError("the model needs at least one input modality; the store has none")
+        width = config.modality_width
+        if dims.present("video"):
+            self.l1_video = GatherProjection(dims.frame_size, config.frame_features, scale=1 / 255, shift=-0.5)
+            self.l2_video = TemporalConcat(dims.video_slots, config.frame_features, width)
+        if dims.present("codes"):
+            self.l1_codes = CodeEmbedding(dims.n_codebooks, dims.codebook_size, config.code_features)
+            self.l2_codes = TemporalConcat(dims.code_slots, config.code_features, width)
+        if dims.present("mel"):
+            self.l1_mel = SlotProjection(dims.n_mels, config.mel_features)
+            self.l2_mel = TemporalConcat(dims.mel_slots, config.mel_features, width)
+        if dims.present("text"):
+            self.l1_text = GatherProjection(dims.embedding_size, config.segment_features)
+            self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width)
+        self.l3_fusion = Fusion(len(self.modalities), config.modality_dropout)
+        hidden = list(config.hidden)
+        widths = [width * len(self.modalities)] + hidden
+        self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
+        if parcel_of_voxel is not None:
+            parcel_of_voxel = torch.as_tensor(parcel_of_voxel, dtype=torch.int64)
+            if parcel_of_voxel.shape != (dims.n_voxels,) or parcel_of_voxel.min() < 0:
+                raise ValueError(f"parcel_of_voxel must be ({dims.n_voxels},) parcel numbers >= 0")
+            self.register_buffer("parcel_of_voxel", parcel_of_voxel)
+            self.n_units = int(parcel_of_voxel.max()) + 1
+        else:
+            self.parcel_of_voxel = None
+            self.n_units = dims.n_voxels
+        self.l7_brain = Brain(hidden[-1], self.n_units)
+        back = [self.n_units] + hidden[::-1]
+        self.l8_l10 = nn.ModuleList(Block(back[i], back[i + 1], config.dropout) for i in range(len(hidden)))
+        self.l11_split = nn.Linear(hidden[0], width * len(self.modalities))
+        h, w = config.decoded_frame_height, config.decoded_frame_width
+        slot = config.slot_features
+        if dims.present("video"):
+            self.l12_video = SlotDecoder(width, dims.video_slots, slot)
+            self.l13_video = Head(slot, (3, h, w), sigmoid=True)
+        if dims.present("codes"):
+            self.l12_codes = SlotDecoder(width, dims.code_slots, slot)
+            self.l13_codes = Head(slot, (dims.n_codebooks, dims.codebook_size))
+        if dims.present("mel"):
+            self.l12_mel = SlotDecoder(width, dims.mel_slots, slot)
+            self.l13_mel = Head(slot, (dims.n_mels,))
+        if dims.present("text"):
+            self.l12_text = SlotDecoder(width, dims.text_slots, slot)
+            self.l13_text = Head(slot, (dims.embedding_size,))
+        self.register_buffer("grid_mask", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("grid_affine", torch.eye(4, dtype=torch.float64))
+        self.stimuli: Optional[Stimuli] = None
+
+    # ------------------------------------------------------------------ data
+
+    def attach(self, stimuli: Stimuli) -> "GibletAutoencoder":
+        """Use these stream tables (move them to the model's device first)."""
+        self.stimuli = stimuli
+        return self
+
+    def set_grid(self, mask: np.ndarray, affine: np.ndarray) -> None:
+        """The voxel grid of the units (the store's mask and affine), for lesions given as ROI images."""
+        self.grid_mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+        self.grid_affine = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+
+    def _windows(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """Each modality's window contents: what L1 reads and what L13 is compared with."""
+        stimuli, dims = self.stimuli, self.dims
+        if stimuli is None:
+            raise RuntimeError("no stream tables attached: call model.attach(Stimuli.from_store(...)) first")
+        windows: Dict[str, torch.Tensor] = {}
+        onsets = batch["window_onset"]
+        if dims.present("codes"):
+            windows["codes"] = ops.resample_codes(
+                stimuli.codes, dims.code_rate_hz, onsets - dims.code_start_s, dims.window_s, dims.code_slots, -1
+            )
+        if dims.present("mel"):
+            windows["mel"] = ops.grid_average(stimuli.mel, dims.mel_rate_hz, onsets - dims.mel_start_s, dims.window_s, dims.mel_slots)
+        return windows
+
+    # ------------------------------------------------------------------ passes
+
+    def _encode(self, batch: Batch, windows: Dict[str, torch.Tensor]) -> torch.Tensor:
+        stimuli = self.stimuli
+        vectors = []
+        for modality in self.modalities:
+            if modality == "video":
+                slots = self.l1_video(stimuli.frames, batch["video_index"])
+            elif modality == "codes":
+                slots = self.l1_codes(windows["codes"])
+            elif modality == "mel":
+                slots = self.l1_mel(windows["mel"])
+            else:
+                slots = self.l1_text(stimuli.text, batch["text_index"])
+            vectors.append(getattr(self, f"l2_{modality}")(slots))
+        x = self.l3_fusion(vectors)
+        for block in self.l4_l6:
+            x = block(x)
+        return self.l7_brain(x)
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Layer 7 for a batch of windows: ``(B, units)``, lesioned units exactly 0."""
+        return self._encode(batch, self._windows(batch))
+
+    def decode(self, brain: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Reconstructions from layer 7: ``video (B, S, 3, h, w)`` in [0, 1], ``codes (B, S, n_codebooks, K)``
+        logits, ``mel (B, S, n_mels)``, ``text (B, S, embedding_size)``."""
+        x = brain
+        for block in self.l8_l10:
+            x = block(x)
+        parts = self.l11_split(x).chunk(len(self.modalities), dim=1)
+        out = {}
+        for modality, part in zip(self.modalities, parts):
+            out[modality] = getattr(self, f"l13_{modality}")(getattr(self, f"l12_{modality}")(part))
+        return out
+
+    @torch.no_grad()
+    def targets(self, batch: Batch, windows: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """What each output is compared with, and which slots hold something."""
+        windows = self._windows(batch) if windows is None else windows
+        stimuli, out = self.stimuli, {}
+        fmri = batch.get("fmri")
+        if fmri is not None:
+            out["fmri"] = self.brain_targets(fmri.float())
+        if "video" in self.modalities:
+            index = batch["video_index"]
+            frames = stimuli.small_frames[index.clamp(min=0)].float() / 255.0
+            out["video"], out["video_valid"] = frames, index >= 0
+        if "codes" in self.modalities:
+            out["codes"] = windows["codes"].transpose(1, 2)  # (B, slots, n_codebooks), -1 = pad
+        if "mel" in self.modalities:
+            out["mel"] = windows["mel"]
+        if "text" in self.modalities:
+            index = batch["text_index"]
+            out["text"], out["text_valid"] = stimuli.text[index.clamp(min=0)].float(), index >= 0
+        return out
+
+    def forward(self, batch: Batch) -> Dict[str, object]:
+        windows = self._windows(batch)
+        brain = self._encode(batch, windows)
+        return {"brain": brain, "reconstructions": self.decode(brain), "targets": self.targets(batch, windows)}
+
+    def brain_targets(self, fmri: torch.Tensor) -> torch.Tensor:
+        """fMRI ``(B, voxels)`` in unit space: itself, or each parcel's mean."""
+        if self.parcel_of_voxel is None:
+            return fmri
+        sums = fmri.new_zeros(fmri.shape[0], self.n_units).index_add_(1, self.parcel_of_voxel, fmri)
+        counts = torch.bincount(self.parcel_of_voxel, minlength=self.n_units).clamp(min=1).to(fmri.dtype)
+        return sums / counts
+
+    # ------------------------------------------------------------------ lesions
+
+    def lesion_mask(self, spec: Union[torch.Tensor, np.ndarray, Sequence[int], str], threshold: float = 0.5) -> torch.Tensor:
+        """Units to silence, as bool ``(units,)``, from a bool vector, unit indices, or an ROI NIfTI path.
+
+        An ROI image is read on the store's grid; with another affine it is resampled
+        to that grid by nearest neighbour (with a warning). In parcel mode a parcel is
+        lesioned when at least ``threshold`` of its voxels are in the ROI.
+        """
+        if isinstance(spec, (str, bytes)) or hasattr(spec, "__fspath__"):
+            voxels = torch.from_numpy(self._roi_voxels(str(spec)))
+            if self.parcel_of_voxel is None:
+                return voxels.to(self.l7_brain.keep.device)
+            inside = torch.zeros(self.n_units, dtype=torch.float64).index_add_(0, self.parcel_of_voxel.cpu(), voxels.double())
+            sizes = torch.bincount(self.parcel_of_voxel.cpu(), minlength=self.n_units).clamp(min=1)
+            return (inside / sizes >= threshold).to(self.l7_brain.keep.device)
+        tensor = torch.as_tensor(np.asarray(spec))
+        if tensor.dtype == torch.bool:
+            if tensor.shape != (self.n_units,):
+                raise ValueError(f"a bool lesion mask must have shape ({self.n_units},), got {tuple(tensor.shape)}")
+            return tensor.to(self.l7_brain.keep.device)
+        indices = tensor.to(torch.int64).flatten()
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.n_units):
+            raise ValueError(f"lesion unit indices must be in [0, {self.n_units}), got {indices.min()}..{indices.max()}")
+        mask = torch.zeros(self.n_units, dtype=torch.bool)
+        mask[indices] = True
+        return mask.to(self.l7_brain.keep.device)
+
+    def _roi_voxels(self, path: str) -> np.ndarray:
+        import nibabel as nib
+
+        from giblet.errors import DataError
+
+        if self.grid_mask.numel() == 0:
+            raise RuntimeError("the model has no voxel grid: call model.set_grid(mask, affine) with the store's mask")
+        grid_mask = self.grid_mask.cpu().numpy()
+        affine = self.grid_affine.cpu().numpy()
+        try:
+            image = nib.load(path)
+            roi = np.asarray(image.dataobj)
+        except Exception as error:  # nibabel raises many types for unreadable files
+            raise DataError(path, f"could not read the ROI image ({error})", expected="a 3-D NIfTI mask") from None
+        if roi.ndim == 4 and roi.shape[3] == 1:
+            roi = roi[..., 0]
+        if roi.ndim != 3:
+            raise DataError(path, f"ROI has shape {roi.shape}", expected="a 3-D mask")
+        if roi.shape != grid_mask.shape or not np.allclose(image.affine, affine, atol=1e-3):
+            warnings.warn(
+                f"{path}: ROI grid {roi.shape} / affine differ from the store's {grid_mask.shape}; "
+                "resampled to the store's grid by nearest neighbour",
+                stacklevel=3,
+            )
+            ijk = np.argwhere(grid_mask)
+            world = np.c_[ijk, np.ones(len(ijk))] @ affine.T
+            roi_ijk = np.rint(world @ np.linalg.inv(image.affine).T)[:, :3].astype(np.int64)
+            inside = np.all((roi_ijk >= 0) & (roi_ijk < np.array(roi.shape)), axis=1)
+            values = np.zeros(len(ijk), dtype=bool)
+            values[inside] = roi[tuple(roi_ijk[inside].T)] > 0
+            return values
+        return (roi > 0)[grid_mask]
+
+    def set_lesion(self, spec=None) -> None:
+        """Silence these units from now on (None: none)."""
+        keep = torch.ones_like(self.l7_brain.keep)
+        if spec is not None:
+            keep &= ~self.lesion_mask(spec)
+        self.l7_brain.keep.copy_(keep)
+
+    @contextlib.contextmanager
+    def lesion(self, spec) -> Iterator["GibletAutoencoder"]:
+        """``with model.lesion(mask): ...``: units silenced inside the block only."""
+        before = self.l7_brain.keep.clone()
+        self.l7_brain.keep.copy_(before & ~self.lesion_mask(spec))
+        try:
+            yield self
+        finally:
+            self.l7_brain.keep.copy_(before)
+
+    # ------------------------------------------------------------------ description
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def layer_table(self, batch_size: int = 1) -> List[Tuple[str, str, str, int]]:
+        """(layer, input shape, output shape, parameters) for every named layer, traced with placeholder tables."""
+        entries = []
+        for name, module in self.named_children():
+            if name in ("l4_l6", "l8_l10"):
+                first, kind = (4, "encoder") if name == "l4_l6" else (8, "decoder")
+                entries += [(f"L{first + i} {kind}", layer) for i, layer in enumerate(module)]
+            elif name[0] == "l" and name[1:].split("_")[0].isdigit():
+                number, what = name[1:].split("_", 1)
+                entries.append((f"L{number} {what}", module))
+        entries.sort(key=lambda entry: int(entry[0].split()[0][1:]))  # stable: modalities keep their order
+
+        def shape(value) -> str:
+            if isinstance(value, torch.Tensor):
+                return "x".join(str(d) for d in value.shape)
+            if isinstance(value, (list, tuple)):
+                return " + ".join(filter(None, (shape(v) for v in value)))
+            return ""
+
+        shapes: Dict[str, Tuple[str, str]] = {}
+        hooks = [
+            module.register_forward_hook(lambda _m, i, o, label=label: shapes.__setitem__(label, (shape(i), shape(o))))
+            for label, module in entries
+        ]
+        saved_stimuli, was_training = self.stimuli, self.training
+        h, w = self.config.decoded_frame_height, self.config.decoded_frame_width
+        device = self.l7_brain.weight.device
+        self.attach(Stimuli.placeholder(self.dims, h, w).to(device))
+        try:
+            self.eval()
+            with torch.no_grad():
+                self.decode(self.encode(_placeholder_batch(self.dims, batch_size, device)))
+        finally:
+            for handle in hooks:
+                handle.remove()
+            self.stimuli = saved_stimuli
+            self.train(was_training)
+        return [(label, *shapes.get(label, ("", "")), sum(p.numel() for p in module.parameters())) for label, module in entries]
+
+
+def _placeholder_batch(dims: ModelDims, batch_size: int, device) -> Batch:
+    batch: Batch = {"window_onset": torch.zeros(batch_size, dtype=torch.float64, device=device)}
+    if dims.present("video"):
+        batch["video_index"] = torch.zeros(batch_size, dims.video_slots, dtype=torch.int64, device=device)
+    if dims.present("text"):
+        batch["text_index"] = torch.zeros(batch_size, dims.text_slots, dtype=torch.int64, device=device)
+    return batch

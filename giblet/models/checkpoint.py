@@ -1,0 +1,84 @@
+"""Checkpoints that carry their architecture: ``load`` rebuilds the model without the original YAML.
+
+A checkpoint is a plain dict of tensors, numbers and strings, read with
+``torch.load(..., weights_only=True)``: a checkpoint from elsewhere cannot run code.
+Files are written to a temporary name and renamed, so a crash mid-write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from giblet.config import ModelConfig
+from giblet.errors import DataError
+from giblet.models.autoencoder import GibletAutoencoder
+from giblet.models.stimuli import ModelDims
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
+
+
+def architecture(model: GibletAutoencoder) -> Dict[str, Any]:
+    return {"dims": model.dims.to_dict(), "model": dataclasses.asdict(model.config), "n_units": model.n_units}
+
+
+def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], **extra: Any) -> Path:
+    """Write the model (weights, architecture, voxel grid) and ``extra`` entries atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT_VERSION, "architecture": architecture(model), "model": model.state_dict(), **extra}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def find_checkpoint(run: Union[str, Path]) -> Path:
+    """A checkpoint file, or the best (else last) one of a run folder."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    for folder in (run / "checkpoints", run):
+        for name in CHECKPOINT_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    raise DataError(run, "no checkpoint found", expected=f"a .pt file, or a run folder with checkpoints/{' or '.join(CHECKPOINT_NAMES)}")
+
+
+def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """The checkpoint's dict, loaded to the CPU with ``weights_only=True``."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refuses anything but tensors and plain values
+        raise DataError(path, f"could not load the checkpoint ({type(error).__name__}: {error})",
+                        expected="a checkpoint written by giblet") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise DataError(path, f"checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}",
+                        expected=f"format {FORMAT_VERSION}")
+    return payload
+
+
+def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
+    """Rebuild the model of a run folder (or checkpoint file) from the architecture stored inside it."""
+    payload = read_checkpoint(find_checkpoint(run))
+    arch = payload["architecture"]
+    dims = ModelDims.from_dict(arch["dims"])
+    config = ModelConfig(**arch["model"])
+    state = payload["model"]
+    parcels = state.get("parcel_of_voxel")
+    model = GibletAutoencoder(dims, config, parcel_of_voxel=parcels)
+    # The grid buffers are sized by the store's mask; make room before loading them.
+    model.grid_mask = torch.empty_like(state["grid_mask"])
+    model.load_state_dict(state)
+    return model.to(device) if device is not None else model

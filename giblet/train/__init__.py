@@ -1,0 +1,1 @@
+"""Training: the losses (and, next, the DDP trainer)."""

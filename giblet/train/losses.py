@@ -1,0 +1,135 @@
+"""Every loss of the model in one place, computed in float32 (also under bf16 autocast).
+
+- fMRI, at layer 7: MSE against the z-scored targets, plus optionally the negative
+  per-voxel Pearson correlation over the batch.
+- Reconstructions, at layer 13: frames MSE, per-codebook cross-entropy of the code
+  logits (pad ignored), mel MSE, text cosine distance. Each is divided by a constant
+  computed once from the training split (``LossScales.from_store``), the loss of a
+  predictor that knows only the training data's average, so the weights in the
+  config compare like with like and no batch statistic leaks into the scale. Mel
+  targets are standardized per band with training statistics (the decoder predicts
+  standardized mel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from giblet.config import LossConfig
+
+
+@dataclass
+class LossScales:
+    """Reconstruction-loss divisors from the training split (1.0 where a modality is absent)."""
+
+    frames: float = 1.0  # variance of the decoded-size training frames (pixels in [0, 1])
+    codes: List[float] = dataclasses.field(default_factory=list)  # entropy (nats) of each codebook's training codes
+    mel_mean: List[float] = dataclasses.field(default_factory=list)  # per mel band, over the training mel slots
+    mel_std: List[float] = dataclasses.field(default_factory=list)  # mel targets are standardized with these
+    text: float = 1.0  # mean cosine distance of the training segments to their mean
+
+    def to_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_store(cls, store, model, split: str = "train") -> "LossScales":
+        """The constants from the windows of ``split`` (train) only: nothing from validation or test TRs."""
+        from giblet.data.dataset import WindowDataset, window_index
+
+        dataset = WindowDataset(store, split, index=window_index(store))
+        batch = {key: value.to(model.l7_brain.weight.device) for key, value in dataset.batch(np.arange(len(dataset))).items()}
+        targets = model.targets(batch)
+        scales = cls()
+        if "video" in targets:
+            rows = torch.unique(batch["video_index"][targets["video_valid"]])
+            scales.frames = _positive(model.stimuli.small_frames[rows].float().div(255.0).var().item())
+        if "codes" in targets:
+            codes = targets["codes"]
+            scales.codes = []
+            for q in range(codes.shape[2]):
+                values = codes[:, :, q][codes[:, :, q] >= 0]
+                counts = torch.bincount(values, minlength=model.dims.codebook_size).double()
+                p = counts[counts > 0] / counts.sum()
+                scales.codes.append(_positive(float(-(p * p.log()).sum())))
+        if "mel" in targets:
+            bands = targets["mel"].float().flatten(0, 1)
+            scales.mel_mean = bands.mean(dim=0).tolist()
+            scales.mel_std = [_positive(v) for v in bands.std(dim=0).tolist()]
+        if "text" in targets:
+            rows = torch.unique(batch["text_index"][targets["text_valid"]])
+            embeddings = F.normalize(model.stimuli.text[rows].float(), dim=1)
+            centre = F.normalize(embeddings.mean(dim=0, keepdim=True), dim=1)
+            scales.text = _positive(float((1 - embeddings @ centre.T).mean()))
+        return scales
+
+
+def _positive(value: float) -> float:
+    """A scale of 0 (a constant stream) would divide by zero; such a loss is left unscaled."""
+    return value if value > 1e-8 and math.isfinite(value) else 1.0
+
+
+def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Correlation over the batch (time) for each unit: ``(units,)``."""
+    p = prediction - prediction.mean(dim=0, keepdim=True)
+    t = target - target.mean(dim=0, keepdim=True)
+    return (p * t).sum(dim=0) / (p.norm(dim=0) * t.norm(dim=0) + eps)
+
+
+class GibletLoss(nn.Module):
+    """``loss(output) -> (total, parts)`` for ``output = model(batch)``; ``parts`` holds each term, unweighted."""
+
+    def __init__(self, weights: Optional[LossConfig] = None, scales: Optional[LossScales] = None) -> None:
+        super().__init__()
+        self.weights = weights or LossConfig()
+        self.scales = scales or LossScales()
+
+    def forward(self, output: Dict[str, object]):
+        brain = output["brain"].float()
+        recon = {k: v.float() for k, v in output["reconstructions"].items()}
+        targets = output["targets"]
+        parts: Dict[str, torch.Tensor] = {}
+        w = self.weights
+        if "fmri" in targets:
+            target = targets["fmri"].float()
+            parts["fmri"] = F.mse_loss(brain, target)
+            if w.fmri_correlation > 0 and brain.shape[0] > 1:
+                parts["fmri_correlation"] = -pearson_per_unit(brain, target).mean()
+        if "video" in recon:
+            valid = targets["video_valid"]
+            if valid.any():
+                parts["frames"] = F.mse_loss(recon["video"][valid], targets["video"][valid]) / self.scales.frames
+        if "codes" in recon:
+            logits, codes = recon["codes"], targets["codes"]
+            n_q = logits.shape[2]
+            scales = self.scales.codes or [1.0] * n_q
+            per_codebook = [
+                F.cross_entropy(logits[:, :, q].reshape(-1, logits.shape[-1]), codes[:, :, q].reshape(-1), ignore_index=-1)
+                / scales[q]
+                for q in range(n_q)
+                if (codes[:, :, q] >= 0).any()
+            ]
+            if per_codebook:
+                parts["codes"] = torch.stack(per_codebook).mean()
+        if "mel" in recon:
+            # Standardized per band (decibels are far from 0): predicting the training average scores 1.
+            target = targets["mel"].float()
+            if self.scales.mel_mean:
+                target = (target - target.new_tensor(self.scales.mel_mean)) / target.new_tensor(self.scales.mel_std)
+            parts["mel"] = F.mse_loss(recon["mel"], target)
+        if "text" in recon:
+            valid = targets["text_valid"]
+            if valid.any():
+                cosine = F.cosine_similarity(recon["text"][valid], targets["text"][valid].float(), dim=-1)
+                parts["text"] = (1 - cosine).mean() / self.scales.text
+        total = brain.new_zeros(())
+        for name, value in parts.items():
+            total = total + getattr(w, name) * value
+        return total, parts

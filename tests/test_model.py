@@ -1,0 +1,271 @@
+"""The 13-layer autoencoder: shapes per modality combination, lesions, losses, native ops, checkpoints, overfitting."""
+
+import time
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import giblet
+from giblet.config import LossConfig, ModelConfig, from_dict
+from giblet.data.dataset import WindowDataset, window_index
+from giblet.models import GibletAutoencoder, ModelDims, Stimuli, dims_from_manifest
+from giblet.models.checkpoint import save_checkpoint
+from giblet.train.losses import GibletLoss, LossScales
+
+SMALL = ModelConfig(
+    frame_features=16, code_features=16, mel_features=16, segment_features=16, modality_width=32,
+    hidden=[64, 48, 64], dropout=0.0, modality_dropout=0.0, slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
+)
+
+
+def build(store, dims=None, config=SMALL, device="cpu"):
+    dims = dims or dims_from_manifest(store.manifest)
+    model = GibletAutoencoder(dims, config)
+    model.set_grid(*store.mask())
+    stimuli = Stimuli.from_store(store, dims, config.decoded_frame_height, config.decoded_frame_width)
+    return model.to(device).attach(stimuli.to(device))
+
+
+def a_batch(store, n=6, split="train", device="cpu"):
+    dataset = WindowDataset(store, split)
+    picks = np.linspace(0, len(dataset) - 1, n).astype(int)
+    return {k: v.to(device) for k, v in dataset.batch(picks).items()}
+
+
+def combinations(manifest):
+    codes = dims_from_manifest(manifest, "codes")
+    mel = dims_from_manifest(manifest, "mel")
+    yield "video+codes+text", codes
+    yield "video+mel+text", mel
+    yield "codes+text (no video)", codes.without("video")
+    yield "video+text (no audio)", codes.without("codes")
+    yield "video+codes (no text)", codes.without("text")
+    yield "mel only", mel.without("video").without("text")
+
+
+def test_shapes_for_each_modality_combination(tiny_store):
+    batch = a_batch(tiny_store, n=5)
+    for name, dims in combinations(tiny_store.manifest):
+        model = build(tiny_store, dims)
+        out = model(batch)
+        assert out["brain"].shape == (5, dims.n_voxels), name
+        recon, targets = out["reconstructions"], out["targets"]
+        expected = {
+            "video": (5, dims.video_slots, 3, 9, 16),
+            "codes": (5, dims.code_slots, dims.n_codebooks, dims.codebook_size),
+            "mel": (5, dims.mel_slots, dims.n_mels),
+            "text": (5, dims.text_slots, dims.embedding_size),
+        }
+        assert set(recon) == set(model.modalities), name
+        for modality, value in recon.items():
+            assert value.shape == expected[modality], (name, modality)
+        if "codes" in recon:
+            assert targets["codes"].shape == (5, dims.code_slots, dims.n_codebooks)
+        total, parts = GibletLoss()(out)
+        names = {"video": "frames"}
+        assert torch.isfinite(total) and set(parts) == {"fmri"} | {names.get(m, m) for m in recon}, name
+        total.backward()
+
+
+def test_the_sherlock_sized_model_stays_under_400m_parameters():
+    dims = ModelDims(
+        n_voxels=85_810, window_s=11.5, video_slots=48, frame_height=90, frame_width=160, code_slots=112, n_codebooks=8,
+        codebook_size=1024, code_rate_hz=75.0, text_slots=3, embedding_size=1024,
+    )
+    with torch.device("meta"):
+        model = GibletAutoencoder(dims, ModelConfig())
+    assert model.n_parameters() < 400e6
+    assert model.l7_brain.weight.shape == (85_810, 1024)
+
+
+def test_layer_table_names_all_13_layers_and_counts_every_parameter(tiny_store):
+    model = build(tiny_store)
+    table = model.layer_table()
+    numbers = {int(row[0].split()[0][1:]) for row in table}
+    assert numbers == set(range(1, 14))
+    assert sum(row[3] for row in table) == model.n_parameters()
+    brain = next(row for row in table if row[0] == "L7 brain")
+    assert brain[2] == f"1x{tiny_store.n_voxels}"
+
+
+def test_a_lesioned_unit_outputs_zero_and_its_weights_get_no_gradient(tiny_store):
+    model = build(tiny_store)
+    batch = a_batch(tiny_store)
+    lesioned = torch.zeros(model.n_units, dtype=torch.bool)
+    lesioned[::7] = True
+    model.set_lesion(lesioned)
+    out = model(batch)
+    assert torch.all(out["brain"][:, lesioned] == 0)
+    total, _ = GibletLoss()(out)
+    total.backward()
+    assert torch.all(model.l7_brain.weight.grad[lesioned] == 0)
+    assert torch.all(model.l7_brain.bias.grad[lesioned] == 0)
+    assert model.l7_brain.weight.grad[~lesioned].abs().sum() > 0
+    model.set_lesion(None)
+    assert model.l7_brain.keep.all()
+
+
+def test_decode_of_a_lesioned_brain_differs_only_through_those_units(tiny_store):
+    model = build(tiny_store).eval()
+    batch = a_batch(tiny_store)
+    units = [0, 5, 11, 300]
+    with torch.no_grad():
+        intact = model.encode(batch)
+        with model.lesion(units):
+            lesioned = model.encode(batch)
+        assert model.l7_brain.keep.all(), "the context manager restores the units"
+        silenced = torch.zeros(model.n_units, dtype=torch.bool)
+        silenced[units] = True
+        assert torch.equal(lesioned[:, ~silenced], intact[:, ~silenced])
+        assert torch.all(lesioned[:, silenced] == 0)
+        by_hand = intact.clone()
+        by_hand[:, silenced] = 0
+        for modality, value in model.decode(lesioned).items():
+            torch.testing.assert_close(value, model.decode(by_hand)[modality], rtol=0, atol=0)
+        assert any(not torch.equal(a, b) for a, b in zip(model.decode(lesioned).values(), model.decode(intact).values()))
+
+
+def test_lesion_masks_from_indices_bool_and_roi_images(tiny_store, tmp_path):
+    model = build(tiny_store)
+    mask, affine = tiny_store.mask()
+    roi = np.zeros(mask.shape, dtype=np.uint8)
+    roi[: mask.shape[0] // 2] = 1
+    path = tmp_path / "roi.nii.gz"
+    nib.save(nib.Nifti1Image(roi, affine), str(path))
+    expected = torch.from_numpy(roi[mask] > 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same grid: no resampling, no warning
+        assert torch.equal(model.lesion_mask(str(path)), expected)
+    assert torch.equal(model.lesion_mask(torch.nonzero(expected).flatten().tolist()), expected)
+    assert torch.equal(model.lesion_mask(expected.numpy()), expected)
+    # The same ROI on a grid shifted by one voxel along x: resampled by nearest neighbour, with a warning.
+    shifted = np.zeros_like(roi)
+    shifted[1:] = roi[:-1]
+    moved = affine.copy()
+    moved[:3, 3] -= affine[:3, 0]
+    shifted_path = tmp_path / "shifted.nii.gz"
+    nib.save(nib.Nifti1Image(shifted, moved), str(shifted_path))
+    with pytest.warns(UserWarning, match="nearest neighbour"):
+        assert torch.equal(model.lesion_mask(str(shifted_path)), expected)
+    with pytest.raises(ValueError):
+        model.lesion_mask([model.n_units])
+
+
+def test_codes_loss_ignores_pad():
+    logits = torch.randn(2, 5, 3, 16)
+    codes = torch.randint(0, 16, (2, 5, 3))
+    codes[0, :2] = -1
+    output = {"brain": torch.zeros(2, 4), "reconstructions": {"codes": logits}, "targets": {"codes": codes}}
+    loss = GibletLoss()
+    before = loss(output)[1]["codes"]
+    changed = logits.clone()
+    changed[0, :2] = 100 * torch.randn_like(changed[0, :2])
+    after = loss({**output, "reconstructions": {"codes": changed}})[1]["codes"]
+    assert torch.equal(before, after)
+    changed[1, 0, :, 0] += 5  # one class more likely: the cross-entropy moves
+    assert not torch.equal(before, loss({**output, "reconstructions": {"codes": changed}})[1]["codes"])
+
+
+def test_loss_scales_come_from_the_train_split_only(tiny_store):
+    model = build(tiny_store)
+    scales = LossScales.from_store(tiny_store, model)
+    assert scales.frames > 0 and len(scales.codes) == tiny_store.manifest["audio"]["codes"]["n_codebooks"] and scales.text > 0
+    index = window_index(tiny_store)
+    start, stop = tiny_store.splits["train"]
+    train_frames = set(index.video[start:stop].ravel().tolist()) - {-1}
+    test_start, test_stop = tiny_store.splits["test"]
+    test_only = sorted(set(index.video[test_start:test_stop].ravel().tolist()) - train_frames - {-1})
+    assert test_only
+    model.stimuli.small_frames[test_only] = 255 - model.stimuli.small_frames[test_only]
+    assert LossScales.from_store(tiny_store, model).frames == scales.frames
+    model.stimuli.small_frames[sorted(train_frames)[:50]] = 255
+    assert LossScales.from_store(tiny_store, model).frames != scales.frames
+
+
+def _profiled_op_names(model, batch):
+    with torch.profiler.profile() as profile:
+        total, _ = GibletLoss()(model(batch))
+        total.backward()
+    return {event.name for event in profile.events()}
+
+
+def test_the_model_runs_the_native_ops(tiny_store, device):
+    for dims, ops in (
+        (dims_from_manifest(tiny_store.manifest, "codes"), {"giblet::gather_project", "giblet::resample_codes", "giblet::bottleneck", "giblet::bottleneck_backward", "giblet::gather_project_backward"}),
+        (dims_from_manifest(tiny_store.manifest, "mel"), {"giblet::grid_average", "giblet::bottleneck"}),
+    ):
+        model = build(tiny_store, dims, device=device)
+        names = _profiled_op_names(model, a_batch(tiny_store, device=device))
+        assert ops <= names, ops - names
+
+
+def test_checkpoint_rebuilds_the_model_without_the_yaml(tiny_store, tmp_path):
+    model = build(tiny_store).eval()
+    model.set_lesion([1, 2, 3])
+    save_checkpoint(model, tmp_path / "run" / "checkpoints" / "best.pt", step=7)
+    loaded = giblet.load(tmp_path / "run").eval()
+    assert loaded.dims == model.dims and loaded.config == model.config
+    loaded.attach(model.stimuli)
+    batch = a_batch(tiny_store)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(batch), model.encode(batch), rtol=0, atol=0)
+    assert torch.equal(loaded.grid_mask, model.grid_mask)
+    assert not loaded.l7_brain.keep[1:4].any()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": 1, "model": Exploit()}))
+    with pytest.raises(giblet.errors.DataError, match="could not load the checkpoint"):
+        giblet.load(path)
+
+
+def test_parcels_make_one_unit_per_parcel(tiny_store):
+    dims = dims_from_manifest(tiny_store.manifest)
+    parcel_of_voxel = torch.arange(dims.n_voxels) % 10
+    model = GibletAutoencoder(dims, SMALL, parcel_of_voxel=parcel_of_voxel)
+    model.attach(Stimuli.from_store(tiny_store, dims, 9, 16))
+    batch = a_batch(tiny_store)
+    out = model(batch)
+    assert out["brain"].shape == (6, 10)
+    np.testing.assert_allclose(out["targets"]["fmri"][:, 3].numpy(), batch["fmri"][:, 3::10].mean(dim=1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def two_subject_store(tiny_data, tmp_path_factory):
+    from giblet.data.store import prepare
+
+    config = from_dict({"data": {"subjects": [1, 2]}, "audio": {"features": ["mel"]}, "window": {"lookback_s": 8.0, "hrf_length_s": 20.0}})
+    return prepare(tiny_data, config, tmp_path_factory.mktemp("stores") / "two", progress=False)
+
+
+def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
+    torch.manual_seed(0)
+    assert len(two_subject_store.subjects) == 2
+    model = build(two_subject_store, config=ModelConfig(**{**SMALL.__dict__, "hidden": [128, 128, 128]}))
+    dataset = WindowDataset(two_subject_store, "train")
+    batch = dataset.batch(np.arange(32))
+    loss = GibletLoss(LossConfig(), LossScales.from_store(two_subject_store, model))  # every loss at its default weight
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    started = time.perf_counter()
+    first = None
+    for step in range(400):
+        total, parts = loss(model(batch))
+        first = parts["fmri"].item() if first is None else first
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        if parts["fmri"].item() < first / 10:
+            break
+    elapsed = time.perf_counter() - started
+    assert parts["fmri"].item() < first / 10, f"fMRI loss {first:.3f} -> {parts['fmri'].item():.3f} in {step + 1} steps"
+    assert elapsed < 60, f"took {elapsed:.1f} s"
