@@ -256,3 +256,13 @@ def _bottleneck_backward(ctx, grad_out, _grad_pre):
 
 
 torch.library.register_autograd("giblet::bottleneck", _bottleneck_backward, setup_context=_bottleneck_setup)
+
+
+# --------------------------------------------------------------------------- autocast
+
+# Under bf16/fp16 autocast the fused ops run in float32 (their kernels accumulate in
+# float32 anyway): floating inputs are cast up, integer and uint8 tables untouched, and
+# the layers around them keep autocast's lower precision.
+for _name in ("gather_project", "grid_average", "bottleneck"):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(f"giblet::{_name}", _device_type, torch.float32)

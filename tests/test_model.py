@@ -269,3 +269,30 @@ def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
     elapsed = time.perf_counter() - started
     assert parts["fmri"].item() < first / 10, f"fMRI loss {first:.3f} -> {parts['fmri'].item():.3f} in {step + 1} steps"
     assert elapsed < 60, f"took {elapsed:.1f} s"
+
+
+def test_losses_are_float32_under_bf16_autocast(tiny_store):
+    model = build(tiny_store)
+    batch = a_batch(tiny_store)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(batch)
+        total, parts = GibletLoss()(output)
+    assert output["reconstructions"]["video"].dtype == torch.bfloat16  # the layers ran in bf16
+    assert output["brain"].dtype == torch.float32  # the native bottleneck ran in float32
+    assert total.dtype == torch.float32 and all(value.dtype == torch.float32 for value in parts.values())
+    total.backward()
+    assert model.l7_brain.weight.grad.dtype == torch.float32
+
+
+def test_modality_dropout_silences_whole_modalities_never_all():
+    from giblet.models.autoencoder import Fusion
+
+    torch.manual_seed(0)
+    fusion = Fusion(3, dropout=0.6).train()
+    vectors = [torch.ones(2000, 4) * (i + 1) for i in range(3)]
+    fused = fusion(vectors).view(2000, 3, 4)
+    silenced = (fused == 0).all(dim=2)
+    assert torch.equal((fused == 0).any(dim=2), silenced), "a modality is silenced whole or not at all"
+    assert not silenced.all(dim=1).any(), "every sample keeps at least one modality"
+    assert 0.4 < silenced.float().mean() < 0.65
+    assert torch.equal(fusion.eval()(vectors), torch.cat(vectors, dim=1)), "nothing is dropped outside training"
