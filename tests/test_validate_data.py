@@ -21,6 +21,12 @@ def test_synthetic_data_passes(tiny_data, tmp_path):
     assert "37-38 per 1.5 s TR" in output  # 25 fps: 37.5 frames per TR, from exact times
     assert "112-113 EnCodec frames per TR" in output
     assert "FAIL" not in output and "data checks passed" in output
+    # The model for this folder, from the measured dimensions: one L7 unit per voxel of the shared mask.
+    import nibabel as nib
+
+    voxels = int((nib.load(str(tiny_data / "_truth" / "brain_mask.nii.gz")).get_fdata() > 0).sum())
+    assert "L7 brain" in output and f"1x{voxels}" in output
+    assert "L13 codes" in output and "1x112x8x1024" in output
 
 
 def test_a_broken_folder_fails_with_every_problem_listed(tiny_data, tmp_path):
@@ -49,3 +55,10 @@ def test_an_unknown_config_key_is_an_error_naming_the_nearest_key(tmp_path):
     result = runner.invoke(app, ["validate", "--config", str(config)])
     assert result.exit_code == 2
     assert "window.lookback_s" in result.output
+
+
+def test_model_command_sizes_the_model_of_a_store(tiny_store):
+    result = runner.invoke(app, ["model", "--store", str(tiny_store.path)])
+    assert result.exit_code == 0, result.output
+    assert f"1x{tiny_store.n_voxels}" in result.output
+    assert "activation memory per training sample" in result.output and "parameters:" in result.output

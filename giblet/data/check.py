@@ -41,8 +41,13 @@ def _range(low: int, high: int) -> str:
     return f"{low}" if low == high else f"{low}-{high}"
 
 
-def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = True) -> List[Check]:
-    """Run every check on ``data_dir``; ``deep`` reads each fMRI file's data, ``load_models`` loads the embedder/EnCodec."""
+def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = True, facts: Optional[dict] = None) -> List[Check]:
+    """Run every check on ``data_dir``; ``deep`` reads each fMRI file's data, ``load_models`` loads the embedder/EnCodec.
+
+    ``facts``, when given, receives what the checks learnt; ``facts["dims"]`` the model's
+    data dimensions when every one of them could be measured.
+    """
+    facts = {} if facts is None else facts
     from giblet.data import audio, fmri, text, video
     from giblet.data.store import align_sources, check_consistent_headers, find_sources, split_trs
 
@@ -170,12 +175,13 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             report.fail("splits", error)
 
     if deep and infos and header_ok:
-        _check_fmri_data(report, sources, config, align)
+        facts["n_voxels"] = _check_fmri_data(report, sources, config, align)
 
     if load_models:
         try:
             embedder = text.load_embedder(config.text.embedder)
-            report.add("text embedder", PASS, f"{config.text.embedder}: {text.embedding_size(embedder)}-d")
+            facts["embedding_size"] = text.embedding_size(embedder)
+            report.add("text embedder", PASS, f"{config.text.embedder}: {facts['embedding_size']}-d")
         except GibletError as error:
             report.fail("text embedder", error)
         if "codes" in config.audio.features:
@@ -184,10 +190,34 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
                 report.add("EnCodec", PASS, f"{config.audio.encodec_model}: {model.sample_rate} Hz, {model.frame_rate} Hz codes")
             except GibletError as error:
                 report.fail("EnCodec", error)
+    if align is not None and facts.get("n_voxels") and facts.get("embedding_size") and passed(report.checks):
+        facts["dims"] = _model_dims(config, align, facts, audio.code_rate_hz(config.audio.encodec_model))
     return report.checks
 
 
-def _check_fmri_data(report: _Report, sources, config: Config, align) -> None:
+def _model_dims(config: Config, align, facts: dict, code_rate_hz: float):
+    """The model's data dimensions from what the checks measured, via a manifest-shaped dict."""
+    from giblet.data.audio import CODEBOOK_SIZE, n_codebooks, named_architecture
+    from giblet.models.stimuli import dims_from_manifest
+
+    w = config.window
+    audio_entry: dict = {"features": list(config.audio.features)}
+    if "codes" in config.audio.features:
+        n_q = n_codebooks(config.audio.bandwidth_kbps, named_architecture(config.audio.encodec_model))
+        audio_entry["codes"] = {"n_codebooks": n_q, "codebook_size": CODEBOOK_SIZE, "rate_hz": code_rate_hz, "start_s": 0.0}
+    if "mel" in config.audio.features:
+        audio_entry["mel"] = {"n_mels": config.audio.n_mels, "rate_hz": config.audio.mel_rate_hz, "start_s": 0.0}
+    manifest = {
+        "window": {**config.section("window")["window"], "window_s": w.lookback_s + align.tr_s},
+        "video": {"shape": [0, config.video.height, config.video.width, 3]},
+        "audio": audio_entry,
+        "text": {"embedding_size": facts["embedding_size"]},
+        "fmri": {"n_voxels": facts["n_voxels"]},
+    }
+    return dims_from_manifest(manifest, config.model.audio_input)
+
+
+def _check_fmri_data(report: _Report, sources, config: Config, align) -> Optional[int]:
     """Read every subject once: corrupt files, non-finite values, valid voxels and the shared mask."""
     from giblet.data import fmri
     from giblet.progress import bar
@@ -229,6 +259,8 @@ def _check_fmri_data(report: _Report, sources, config: Config, align) -> None:
             PASS if n_mask > 0 and n_ok == len(sources.fmri) else FAIL,
             f"{n_mask} voxels valid in >= {need} of {len(sources.fmri)} subjects ({fmri.VALIDITY_RULE})",
         )
+        return n_mask
+    return None
 
 
 def _subjects(subjects) -> str:
