@@ -20,6 +20,7 @@ from giblet.data.audio import (
     read_audio,
 )
 from giblet.errors import DataError
+from media import encode_stereo
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,15 +50,7 @@ def write_movie(path, seconds=1.0, left=0.6, right=0.2, pitch_hz=1000.0, audio_o
     if sound is not None:
         n = int(rate * seconds)
         wave = np.sin(2 * np.pi * pitch_hz * np.arange(n) / rate).astype(np.float32)
-        channels = np.stack([left * wave, right * wave])
-        for start in range(0, n, 1024):
-            block = np.ascontiguousarray(channels[:, start : start + 1024])
-            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
-            frame.sample_rate, frame.pts = rate, start + round(audio_offset_s * rate)
-            for packet in sound.encode(frame):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
+        encode_stereo(container, sound, np.stack([left * wave, right * wave]), rate, round(audio_offset_s * rate))
     container.close()
     return path
 

@@ -12,6 +12,7 @@ import pytest
 
 from giblet.data.video import MovieInfo, is_regular, iter_frames, probe_movie, read_frames, regular_grid_index
 from giblet.errors import DataError
+from media import encode_stereo
 
 WIDTH, HEIGHT = 64, 48
 PATCH_RGB = (200, 60, 40)
@@ -54,14 +55,7 @@ def write_movie(path, n_frames, rate=Fraction(25), pts_ms=None, audio=True):
     if sound is not None:
         n_samples = int(44100 * n_frames / rate)
         wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n_samples) / 44100)).astype(np.float32)
-        for start in range(0, n_samples, 1024):
-            block = np.ascontiguousarray(np.stack([wave[start : start + 1024]] * 2))
-            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
-            frame.sample_rate, frame.pts = 44100, start
-            for packet in sound.encode(frame):
-                container.mux(packet)
-        for packet in sound.encode():
-            container.mux(packet)
+        encode_stereo(container, sound, np.stack([wave, wave]), 44100)
     container.close()
     return path
 
