@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from giblet_cli import data as data_commands
+from giblet_cli.train import train as train_command
 from giblet_cli.common import console, fail_cleanly
 
 app = typer.Typer(
@@ -61,6 +62,7 @@ def _build_table(info: dict) -> Table:
 
 
 app.add_typer(data_commands.app, name="data")
+app.command(name="train")(train_command)
 
 
 @app.command()

@@ -123,6 +123,24 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    epochs: int = 60  # a cap: early stopping on validation r usually ends training first
+    batch_size: int = 16  # windows per optimizer step, over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step (each process)
+    lr: float = 1e-3
+    weight_decay: float = 0.05  # AdamW, on matrices only
+    warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
+    min_lr_fraction: float = 0.1
+    clip_grad_norm: float = 1.0
+    patience: int = 8  # epochs without a better validation r before stopping
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (bitwise-repeatable runs and resumes on the CPU)
+    bf16: bool = True  # bf16 autocast on GPUs (float32 master weights); the CPU trains in float32
+    checkpoint_every_steps: int = 0  # also write last.pt every N optimizer steps (0: at the end of each epoch only)
+    log_every_steps: int = 10
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -135,6 +153,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -240,6 +259,14 @@ def _check_values(config: Config, source: str) -> None:
             f"{source}: split.val_fraction={s.val_fraction}, split.test_fraction={s.test_fraction}; "
             "expected fractions in [0, 1) leaving at least 10% of TRs for training"
         )
+    t = config.train
+    for key in ("epochs", "batch_size", "grad_accum", "patience", "log_every_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{source}: train.{key} is {getattr(t, key)}; expected an integer >= 1")
+    if t.lr <= 0 or t.weight_decay < 0 or t.clip_grad_norm < 0 or t.checkpoint_every_steps < 0:
+        raise ConfigError(f"{source}: train.lr must be > 0 and train.weight_decay, clip_grad_norm, checkpoint_every_steps >= 0")
+    if not (0 <= t.warmup_fraction < 1 and 0 <= t.min_lr_fraction <= 1):
+        raise ConfigError(f"{source}: train.warmup_fraction must be in [0, 1) and train.min_lr_fraction in [0, 1]")
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")

@@ -3,7 +3,8 @@
 - fMRI, at layer 7: MSE against the z-scored targets, plus optionally the negative
   per-voxel Pearson correlation over the batch.
 - Reconstructions, at layer 13: frames MSE, per-codebook cross-entropy of the code
-  logits (pad ignored), mel MSE, text cosine distance. Each is divided by a constant
+  logits (pad ignored), mel MSE, text cosine distance, each averaged over the valid
+  slots of a sample and then over samples. Each is divided by a constant
   computed once from the training split (``LossScales.from_store``), the loss of a
   predictor that knows only the training data's average, so the weights in the
   config compare like with like and no batch statistic leaks into the scale. Mel
@@ -76,6 +77,17 @@ def _positive(value: float) -> float:
     return value if value > 1e-8 and math.isfinite(value) else 1.0
 
 
+def _sample_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid slots of each sample, then over the samples (a sample with none counts 0).
+
+    Every sample weighs the same, so the mean of per-process means over equal shares
+    of a batch (what DDP's gradient averaging computes) is the mean over the whole batch.
+    """
+    valid = valid.to(values.dtype)
+    per_sample = (values * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    return per_sample.mean()
+
+
 def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Correlation over the batch (time) for each unit: ``(units,)``."""
     p = prediction - prediction.mean(dim=0, keepdim=True)
@@ -103,21 +115,16 @@ class GibletLoss(nn.Module):
             if w.fmri_correlation > 0 and brain.shape[0] > 1:
                 parts["fmri_correlation"] = -pearson_per_unit(brain, target).mean()
         if "video" in recon:
-            valid = targets["video_valid"]
-            if valid.any():
-                parts["frames"] = F.mse_loss(recon["video"][valid], targets["video"][valid]) / self.scales.frames
+            errors = (recon["video"] - targets["video"]).pow(2).flatten(2).mean(dim=2)  # (B, slots)
+            parts["frames"] = _sample_mean(errors, targets["video_valid"]) / self.scales.frames
         if "codes" in recon:
-            logits, codes = recon["codes"], targets["codes"]
+            logits, codes = recon["codes"], targets["codes"]  # (B, S, n_q, K), (B, S, n_q)
             n_q = logits.shape[2]
-            scales = self.scales.codes or [1.0] * n_q
-            per_codebook = [
-                F.cross_entropy(logits[:, :, q].reshape(-1, logits.shape[-1]), codes[:, :, q].reshape(-1), ignore_index=-1)
-                / scales[q]
-                for q in range(n_q)
-                if (codes[:, :, q] >= 0).any()
-            ]
-            if per_codebook:
-                parts["codes"] = torch.stack(per_codebook).mean()
+            scales = logits.new_tensor(self.scales.codes or [1.0] * n_q)
+            entropy = F.cross_entropy(logits.permute(0, 3, 1, 2), codes.clamp(min=0), reduction="none")  # (B, S, n_q)
+            parts["codes"] = torch.stack(
+                [_sample_mean(entropy[:, :, q], codes[:, :, q] >= 0) / scales[q] for q in range(n_q)]
+            ).mean()
         if "mel" in recon:
             # Standardized per band (decibels are far from 0): predicting the training average scores 1.
             target = targets["mel"].float()
@@ -125,10 +132,8 @@ class GibletLoss(nn.Module):
                 target = (target - target.new_tensor(self.scales.mel_mean)) / target.new_tensor(self.scales.mel_std)
             parts["mel"] = F.mse_loss(recon["mel"], target)
         if "text" in recon:
-            valid = targets["text_valid"]
-            if valid.any():
-                cosine = F.cosine_similarity(recon["text"][valid], targets["text"][valid].float(), dim=-1)
-                parts["text"] = (1 - cosine).mean() / self.scales.text
+            distance = 1 - F.cosine_similarity(recon["text"], targets["text"].float(), dim=-1)  # (B, slots)
+            parts["text"] = _sample_mean(distance, targets["text_valid"]) / self.scales.text
         total = brain.new_zeros(())
         for name, value in parts.items():
             total = total + getattr(w, name) * value

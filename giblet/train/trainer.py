@@ -1,0 +1,273 @@
+"""The training loop: DistributedDataParallel over torchrun processes, readable top to bottom.
+
+Run by ``giblet train`` (one process in place, or ``torchrun`` with N processes):
+``python -m giblet.train.trainer --store STORE --out RUN [--resume]`` reads the resolved
+``RUN/config.yaml``. Ranks come from torchrun's ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE``
+(the global rank is ``RANK``, never ``LOCAL_RANK``); NCCL on GPUs, gloo on CPUs.
+Every metric is all-reduced as sums and counts. Checkpoints hold everything a resume
+needs and are written atomically by rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from giblet.config import Config, dump_config, load_config
+from giblet.data.dataset import ShardSampler, WindowDataset, window_index
+from giblet.data.store import Store, open_store
+from giblet.errors import DataError
+from giblet.models import GibletAutoencoder, Stimuli, dims_from_manifest
+from giblet.models.checkpoint import read_checkpoint, save_checkpoint
+from giblet.train.losses import GibletLoss, LossScales
+
+CONFIG_NAME = "config.yaml"
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_lr_fraction: float) -> float:
+    """Linear warmup, then cosine from 1 down to ``min_lr_fraction``; stepped once per optimizer step."""
+    warmup = max(1, int(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class VoxelCorrelation:
+    """Per-voxel Pearson r over time from running sums, so ranks combine by all-reducing sums."""
+
+    def __init__(self, n_voxels: int, device) -> None:
+        self.sums = torch.zeros(6, n_voxels, dtype=torch.float64, device=device)  # n, Σp, Σt, Σp², Σt², Σpt
+
+    def add(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        p, t = prediction.double(), target.double()
+        self.sums[0] += p.shape[0]
+        self.sums[1] += p.sum(0)
+        self.sums[2] += t.sum(0)
+        self.sums[3] += (p * p).sum(0)
+        self.sums[4] += (t * t).sum(0)
+        self.sums[5] += (p * t).sum(0)
+
+    def r(self) -> torch.Tensor:
+        n, sp, st, spp, stt, spt = self.sums
+        cov = spt - sp * st / n
+        var = (spp - sp * sp / n).clamp(min=0) * (stt - st * st / n).clamp(min=0)
+        return torch.where(var > 0, cov / var.sqrt(), torch.zeros_like(cov))
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def rng_state() -> Dict[str, object]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: GibletAutoencoder, loss_fn: GibletLoss, dataset: WindowDataset, batch_size: int, rank: int, world: int,
+             device, autocast) -> Dict[str, float]:
+    """Validation loss and per-voxel r (over the split's TRs) against the targets, all ranks together."""
+    model.eval()
+    order = list(ShardSampler(len(dataset), rank, world, shuffle=False, pad=False))
+    correlation = VoxelCorrelation(model.n_units, device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ loss * samples, samples
+    for start in range(0, len(order), batch_size):
+        batch = to_device(dataset.batch(order[start : start + batch_size]), device)
+        with autocast():
+            output = model(batch)
+            _, parts = loss_fn(output)
+        correlation.add(output["brain"].float(), output["targets"]["fmri"])
+        totals += torch.tensor([parts["fmri"].item() * len(batch["tr"]), len(batch["tr"])], dtype=torch.float64, device=device)
+    all_reduce(correlation.sums)
+    all_reduce(totals)
+    model.train()
+    r = correlation.r()
+    return {"val_fmri_loss": float(totals[0] / totals[1].clamp(min=1)), "val_r": float(r.mean()), "val_r_median": float(r.median())}
+
+
+def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict[str, float]:
+    """Train on ``store``, writing checkpoints and metrics under ``out``; returns the final metrics."""
+    t = config.train
+    rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() and os.environ.get("GIBLET_DEVICE", "") != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    master = rank == 0
+    checkpoints = out / "checkpoints"
+
+    # Data and model: identical on every rank (same seed), then DDP keeps them in step.
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+    index = window_index(store)
+    train_set = WindowDataset(store, "train", config.dataset.mode, index)
+    val_set = WindowDataset(store, "val", "cross_subject", index)
+    dims = dims_from_manifest(store.manifest, config.model.audio_input)
+    model = GibletAutoencoder(dims, config.model).to(device)
+    model.set_grid(*store.mask())
+    model.grid_mask, model.grid_affine = model.grid_mask.to(device), model.grid_affine.to(device)
+    model.attach(Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width).to(device))
+    loss_fn = GibletLoss(config.loss, LossScales.from_store(store, model))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    per_rank = t.batch_size // (world * t.grad_accum)
+    if per_rank < 1 or per_rank * world * t.grad_accum != t.batch_size:
+        raise DataError(None, f"train.batch_size {t.batch_size} cannot be split over {world} processes x {t.grad_accum} accumulation steps",
+                        expected=f"a multiple of {world * t.grad_accum}")
+    steps_per_epoch = len(train_set) // t.batch_size  # the shuffled tail is left out, the same for any process count
+    if steps_per_epoch == 0:
+        raise DataError(store.path, f"{len(train_set)} training samples", expected=f"at least train.batch_size = {t.batch_size}")
+    total_steps = t.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, t.warmup_fraction, t.min_lr_fraction)
+    )
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and t.bf16)  # noqa: E731
+
+    step, epoch, best_r, stale = 0, 0, -math.inf, 0
+    if resume and (checkpoints / "last.pt").is_file():
+        state = read_checkpoint(checkpoints / "last.pt")  # to the CPU first: no GPU memory spike
+        if state["store_key"] != store.key:
+            raise DataError(checkpoints / "last.pt", f"was trained on store {state['store_key']}", expected=f"this store, {store.key}",
+                            fix="resume with the data and settings of that run, or start a new run folder")
+        if state["config"] != config.to_dict():
+            raise DataError(checkpoints / "last.pt", "the run's settings differ from this config", expected="the config the run was started with",
+                            fix=f"use {out / CONFIG_NAME}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        step, epoch, best_r, stale = state["step"], state["epoch"], state["best_r"], state["stale"]
+        del state
+
+    def save(name: str, epoch_now: int) -> None:
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if master:
+            save_checkpoint(
+                model, checkpoints / name, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=states,
+                step=step, epoch=epoch_now, best_r=best_r, stale=stale, config=config.to_dict(), store_key=store.key,
+            )
+
+    metrics_file = open(out / "metrics.jsonl", "a") if master else None
+    from giblet.progress import bar
+
+    result: Dict[str, float] = {}
+    started = time.perf_counter()
+    samples_seen = 0
+    with bar("train", total=total_steps, show=master) as progress:
+        progress.advance(step)
+        while epoch < t.epochs and stale < t.patience:
+            sampler = ShardSampler(len(train_set), rank, world, shuffle=True, seed=t.seed, pad=False)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            first = step - epoch * steps_per_epoch  # optimizer steps already done in this epoch (resume mid-epoch)
+            for step_in_epoch in range(first, steps_per_epoch):
+                sums = torch.zeros(2, dtype=torch.float64, device=device)
+                for micro in range(t.grad_accum):
+                    at = (step_in_epoch * t.grad_accum + micro) * per_rank
+                    batch = to_device(train_set.batch(order[at : at + per_rank]), device)
+                    sync = micro == t.grad_accum - 1 or world == 1
+                    with (ddp.no_sync() if not sync else _nothing()):
+                        with autocast():
+                            total, parts = loss_fn(ddp(batch))
+                        (total / t.grad_accum).backward()
+                    sums += torch.tensor([total.item() * per_rank, parts["fmri"].item() * per_rank], dtype=torch.float64, device=device)
+                if t.clip_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples_seen += t.batch_size
+                all_reduce(sums)
+                progress.advance(1)
+                if master and (step % t.log_every_steps == 0 or step_in_epoch == steps_per_epoch - 1):
+                    rate = samples_seen / (time.perf_counter() - started)
+                    record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "loss": float(sums[0] / t.batch_size),
+                              "fmri_loss": float(sums[1] / t.batch_size), "trs_per_s": rate}
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                    save("last.pt", epoch)
+            epoch += 1
+            result = evaluate(model, loss_fn, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
+            improved = result["val_r"] > best_r
+            best_r, stale = (result["val_r"], 0) if improved else (best_r, stale + 1)
+            result.update(epoch=epoch, step=step, best_val_r=best_r)
+            if master:
+                metrics_file.write(json.dumps(result) + "\n")
+                metrics_file.flush()
+            if improved:
+                save("best.pt", epoch)
+            save("last.pt", epoch)
+    if metrics_file:
+        metrics_file.close()
+    return result
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="giblet's training process (started by `giblet train`)")
+    parser.add_argument("--store", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    config = load_config(args.out / CONFIG_NAME)
+    result = train(config, open_store(args.store), args.out, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", 1)), **result}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def write_run_config(config: Config, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_NAME
+    path.write_text(dump_config(config))
+    return path
+
+
+if __name__ == "__main__":
+    main()
