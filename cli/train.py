@@ -62,7 +62,15 @@ def train(
     store = store or out / "store"
     if node_rank == 0:
         prepare(data, settings, store)
-        write_run_config(settings, out)
+        run_config = out / CONFIG_NAME
+        if resume and run_config.is_file():
+            if load_config(run_config) != settings:
+                raise ConfigError(
+                    f"{run_config}: the run's settings differ from {config}; expected the settings the run started with "
+                    "(resume without --config to use them)"
+                )
+        else:
+            write_run_config(settings, out)
     else:
         _wait_for_store(store)
     per_node = gpus or procs or 1

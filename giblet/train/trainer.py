@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Dict
@@ -256,8 +257,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = load_config(args.out / CONFIG_NAME)
     result = train(config, open_store(args.store), args.out, resume=args.resume)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", 1)), **result}))
+    # Who took part: each process's global rank, local rank and host, gathered on rank 0.
+    me = {"rank": int(os.environ.get("RANK", 0)), "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "host": socket.gethostname()}
+    everyone = [me]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+    if me["rank"] == 0:
+        print(json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", 1)), "ranks": everyone, **result}))
     if dist.is_initialized():
         dist.destroy_process_group()
 

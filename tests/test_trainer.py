@@ -1,0 +1,186 @@
+"""The trainer: checkpoints and metrics, DDP over processes equals one process, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import giblet
+from giblet.config import dump_config, from_dict
+from giblet.models.checkpoint import read_checkpoint
+from giblet.train.trainer import VoxelCorrelation, lr_factor
+from giblet_cli.main import app
+
+runner = CliRunner()
+
+TRAIN = {
+    "model": {
+        "frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32, "hidden": [64, 64, 64],
+        "slot_features": 8, "dropout": 0.0, "modality_dropout": 0.0, "audio_input": "mel",
+    },
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.002, "log_every_steps": 4, "deterministic": True},
+}
+
+
+@pytest.fixture
+def run_config(tiny_config, tmp_path):
+    """The tiny store's settings plus a small model: `giblet train` reuses the prepared store."""
+    values = tiny_config.to_dict()
+    for section, overrides in TRAIN.items():
+        values[section].update(overrides)
+    path = tmp_path / "train.yaml"
+    path.write_text(dump_config(from_dict(values)))
+    return path
+
+
+def _train(tiny_data, tiny_store, out, config, *extra, env=None):
+    command = [sys.executable, "-m", "giblet_cli.main", "train", "--data", str(tiny_data), "--out", str(out),
+               "--store", str(tiny_store.path), "--config", str(config), *extra]
+    environment = dict(os.environ, OMP_NUM_THREADS="1", GIBLET_PROGRESS="0", **(env or {}))
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+
+
+def _weights(run):
+    return read_checkpoint(run / "checkpoints" / "last.pt")["model"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_config, tmp_path):
+    out = tmp_path / "run"
+    done = _train(tiny_data, tiny_store, out, run_config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "lr" in r]
+    epochs = [r for r in records if "val_r" in r]
+    assert len(epochs) == 2 and epochs[-1]["epoch"] == 2
+    assert all(np.isfinite(r["loss"]) and r["trs_per_s"] > 0 for r in steps)
+    assert steps[-1]["lr"] < steps[0]["lr"]  # the cosine schedule, stepped per optimizer step
+    state = read_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["store_key"] == tiny_store.key and state["epoch"] == 2
+    assert {"optimizer", "scheduler", "rng", "step", "config"} <= set(state)
+    model = giblet.load(out)
+    assert model.n_units == tiny_store.n_voxels
+
+
+def test_two_processes_end_with_the_weights_of_one(tiny_data, tiny_store, run_config, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(tiny_data, tiny_store, one, run_config).returncode == 0
+    done = _train(tiny_data, tiny_store, two, run_config, "--procs", "2", "--master", f"127.0.0.1:{_free_port()}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"world_size": 2' in done.stdout
+    a, b = _weights(one), _weights(two)
+    # Float sums in another order: a few of the ~700k weights that get near-zero gradients move
+    # a little differently under Adam, everything else agrees to ~1e-8.
+    for name in a:
+        if a[name].is_floating_point():
+            difference = (b[name] - a[name]).double()
+            assert difference.norm() <= 1e-5 * a[name].double().norm() + 1e-7, name
+            assert difference.abs().max() < 1e-4, name
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tiny_data, tiny_store, run_config, tmp_path):
+    config = run_config.read_text().replace("checkpoint_every_steps: 0", "checkpoint_every_steps: 1")
+    run_config.write_text(config)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _train(tiny_data, tiny_store, whole, run_config).returncode == 0
+    command = [sys.executable, "-m", "giblet_cli.main", "train", "--data", str(tiny_data), "--out", str(killed),
+               "--store", str(tiny_store.path), "--config", str(run_config)]
+    process = subprocess.Popen(command, env=dict(os.environ, OMP_NUM_THREADS="1", GIBLET_PROGRESS="0"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if last.is_file():
+            try:
+                step = read_checkpoint(last)["step"]
+            except Exception:  # being replaced right now
+                step = 0
+            if step >= 5:
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = read_checkpoint(last)
+    assert 5 <= state["step"] and state["epoch"] == 0, "killed mid-way through the first epoch"
+    done = _train(tiny_data, tiny_store, killed, run_config, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(whole), _weights(killed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_another_store_or_other_settings(tiny_data, tiny_store, run_config, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_data, tiny_store, out, run_config).returncode == 0
+    changed = run_config.read_text().replace("lr: 0.002", "lr: 0.001")
+    other = tmp_path / "other.yaml"
+    other.write_text(changed)
+    done = _train(tiny_data, tiny_store, out, other, "--resume")
+    assert done.returncode != 0 and "settings differ" in done.stderr
+
+
+def test_gpus_without_cuda_say_so(tiny_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = runner.invoke(app, ["train", "--data", str(tiny_data), "--out", str(tmp_path / "r"), "--gpus", "8"])
+    assert result.exit_code == 2 and "needs 8 CUDA GPUs" in result.output and "--procs" in result.output
+
+
+def test_two_loopback_nodes_make_world_size_4_with_ranks_0_to_3(tiny_data, tiny_store, run_config, tmp_path):
+    out = tmp_path / "run"
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GIBLET_PROGRESS="0")
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "giblet_cli.main", "train", "--data", str(tiny_data), "--out", str(out), "--store",
+             str(tiny_store.path), "--config", str(run_config), "--procs", "2", "--nodes", "2", "--node-rank", str(r),
+             "--master", f"127.0.0.1:{port}", "--epochs", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    line = next(l for l in outputs[0][0].splitlines() if l.startswith("{") and "ranks" in l)
+    report = json.loads(line)
+    assert report["world_size"] == 4
+    assert sorted(p["rank"] for p in report["ranks"]) == [0, 1, 2, 3]
+    assert sorted(p["local_rank"] for p in report["ranks"]) == [0, 0, 1, 1]
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    factors = [lr_factor(step, 100, 0.1, 0.1) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_voxel_correlation_combines_sums_like_one_pass():
+    rng = np.random.default_rng(0)
+    p, t = rng.normal(size=(50, 7)), rng.normal(size=(50, 7))
+    t[:, 0] = 2 * p[:, 0] + 1
+    whole, halves = VoxelCorrelation(7, "cpu"), VoxelCorrelation(7, "cpu")
+    whole.add(torch.from_numpy(p), torch.from_numpy(t))
+    halves.add(torch.from_numpy(p[:20]), torch.from_numpy(t[:20]))
+    other = VoxelCorrelation(7, "cpu")
+    other.add(torch.from_numpy(p[20:]), torch.from_numpy(t[20:]))
+    halves.sums += other.sums  # what all_reduce does across ranks
+    expected = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(7)]
+    np.testing.assert_allclose(whole.r().numpy(), expected, atol=1e-12)
+    np.testing.assert_allclose(halves.r().numpy(), expected, atol=1e-12)
