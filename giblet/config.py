@@ -109,6 +109,9 @@ class ModelConfig:
     decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
     decoded_frame_height: int = 18
     audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
+    # Share of the reconstruction losses' gradient that reaches layer 7 and the encoder. 0: the decoder
+    # learns to read the brain layer without bending it away from the measured responses.
+    decoder_gradient_to_brain: float = 0.0
     parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
 
 
@@ -270,6 +273,8 @@ def _check_values(config: Config, source: str) -> None:
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
+    if not 0 <= m.decoder_gradient_to_brain <= 1:
+        raise ConfigError(f"{source}: model.decoder_gradient_to_brain is {m.decoder_gradient_to_brain}; expected a share in [0, 1]")
     for key in ("dropout", "modality_dropout"):
         if not 0 <= getattr(m, key) < 1:
             raise ConfigError(f"{source}: model.{key} is {getattr(m, key)}; expected a probability in [0, 1)")

@@ -296,3 +296,14 @@ def test_modality_dropout_silences_whole_modalities_never_all():
     assert not silenced.all(dim=1).any(), "every sample keeps at least one modality"
     assert 0.4 < silenced.float().mean() < 0.65
     assert torch.equal(fusion.eval()(vectors), torch.cat(vectors, dim=1)), "nothing is dropped outside training"
+
+
+def test_reconstruction_gradient_reaches_the_brain_only_as_configured(tiny_store):
+    batch = a_batch(tiny_store)
+    for share, reaches in ((0.0, False), (0.5, True), (1.0, True)):
+        model = build(tiny_store, config=ModelConfig(**{**SMALL.__dict__, "decoder_gradient_to_brain": share}))
+        _, parts = GibletLoss()(model(batch))
+        (parts["frames"] + parts["text"] + parts["codes"]).backward()
+        brain_grad = model.l7_brain.weight.grad
+        assert (brain_grad is not None and brain_grad.abs().sum() > 0) == reaches, share
+        assert model.l13_video.linear.weight.grad.abs().sum() > 0, "the decoder always learns"

@@ -316,7 +316,10 @@ class GibletAutoencoder(nn.Module):
     def forward(self, batch: Batch) -> Dict[str, object]:
         windows = self._windows(batch)
         brain = self._encode(batch, windows)
-        return {"brain": brain, "reconstructions": self.decode(brain), "targets": self.targets(batch, windows)}
+        share = self.config.decoder_gradient_to_brain
+        # Same values either way; only how much of the reconstruction gradient flows back into layer 7.
+        seen_by_decoder = brain if share == 1 else brain.detach() if share == 0 else brain * share + brain.detach() * (1 - share)
+        return {"brain": brain, "reconstructions": self.decode(seen_by_decoder), "targets": self.targets(batch, windows)}
 
     def brain_targets(self, fmri: torch.Tensor) -> torch.Tensor:
         """fMRI ``(B, voxels)`` in unit space: itself, or each parcel's mean."""
