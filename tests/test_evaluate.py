@@ -1,0 +1,80 @@
+"""Evaluation: per-voxel r over time, leave-one-subject-out noise ceilings, the ridge baseline, maps."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from giblet.config import dump_config, from_dict
+from giblet.eval.metrics import noise_ceiling, pearson_r
+from giblet_cli.main import app
+
+runner = CliRunner()
+
+
+def test_r_is_per_voxel_over_time_not_across_voxels():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(40, 3))
+    prediction = np.stack([target[:, 0], -target[:, 1], rng.normal(size=40)], axis=1)
+    r = pearson_r(prediction, target)
+    assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(-1.0) and abs(r[2]) < 0.4
+    assert pearson_r(np.ones((10, 1)), rng.normal(size=(10, 1)))[0] == 0.0  # constant: 0, not NaN
+
+
+def test_noise_ceiling_is_the_leave_one_out_intersubject_correlation():
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(500, 1))
+    same = np.stack([signal] * 4)
+    assert noise_ceiling(same)[0] == pytest.approx(1.0)
+    noisy = signal[None] + rng.normal(size=(4, 500, 1))  # signal variance 1, noise variance 1
+    # r(one subject, mean of 3 others) = 1 / sqrt(2 * (1 + 1/3)) for these variances.
+    assert noise_ceiling(noisy)[0] == pytest.approx(1 / np.sqrt(2 * (1 + 1 / 3)), abs=0.05)
+    assert abs(noise_ceiling(rng.normal(size=(4, 500, 1)))[0]) < 0.1
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tiny_store, tiny_config, tmp_path_factory):
+    values = tiny_config.to_dict()
+    values["model"].update({"frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32,
+                            "hidden": [64, 64, 64], "slot_features": 8, "audio_input": "mel"})
+    values["train"].update({"epochs": 2, "batch_size": 8})
+    folder = tmp_path_factory.mktemp("eval")
+    config = folder / "train.yaml"
+    config.write_text(dump_config(from_dict(values)))
+    out = folder / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "giblet_cli.main", "train", "--data", str(tiny_data), "--out", str(out),
+         "--store", str(tiny_store.path), "--config", str(config)],
+        capture_output=True, text=True, env=dict(os.environ, GIBLET_PROGRESS="0"), timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_store):
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--store", str(tiny_store.path)])
+    assert result.exit_code == 0, result.output
+    out = trained_run / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("mean_r", "median_r", "mean_r_subject", "noise_ceiling_mean", "noise_normalized_r", "n_voxels", "test_trs"):
+        assert key in metrics, key
+    assert np.isfinite(metrics["baselines"]["ridge"]["mean_r"])
+    start, stop = tiny_store.splits["test"]
+    assert metrics["test_trs"] == [start, stop] and metrics["n_voxels"] == tiny_store.n_voxels
+    mask, affine = tiny_store.mask()
+    prediction = nib.load(str(out / "prediction_test.nii.gz"))
+    assert prediction.shape == mask.shape + (stop - start,)
+    np.testing.assert_allclose(prediction.affine, affine)
+    values = np.asarray(prediction.dataobj)
+    assert np.all(values[~mask] == 0)
+    # The r map is the per-voxel r of that prediction against the held-out group mean.
+    r_map = np.asarray(nib.load(str(out / "r_map.nii.gz")).dataobj)
+    group = np.asarray(tiny_store.fmri_mean()[start:stop], dtype=np.float32)
+    np.testing.assert_allclose(r_map[mask], pearson_r(values[mask].T, group), atol=1e-4)
+    assert metrics["mean_r"] == pytest.approx(float(r_map[mask].mean()), abs=1e-5)
+    assert (out / "r_map.png").stat().st_size > 1000 and (out / "r_histogram.png").stat().st_size > 1000
