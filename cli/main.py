@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from giblet_cli import cluster as cluster_commands
 from giblet_cli import data as data_commands
 from giblet_cli.train import train as train_command
 from giblet_cli.common import console, fail_cleanly
@@ -62,6 +63,7 @@ def _build_table(info: dict) -> Table:
 
 
 app.add_typer(data_commands.app, name="data")
+app.add_typer(cluster_commands.app, name="cluster")
 app.command(name="train")(train_command)
 
 

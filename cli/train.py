@@ -38,6 +38,7 @@ def train(
     master: str = typer.Option("127.0.0.1:29500", "--master", help="ADDR:PORT of node 0's rendezvous."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt (same data and settings)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    prepare_only: bool = typer.Option(False, "--prepare-only", help="Prepare the store and write OUT/config.yaml, then stop."),
 ) -> None:
     """Train the model: one process here, or N per node under torchrun (DDP)."""
     from giblet.config import load_config
@@ -73,6 +74,9 @@ def train(
             write_run_config(settings, out)
     else:
         _wait_for_store(store)
+    if prepare_only:
+        console.print(f"store {store} and {out / CONFIG_NAME} ready")
+        return
     per_node = gpus or procs or 1
     if per_node == 1 and nodes == 1:
         from giblet.data.store import open_store

@@ -184,3 +184,29 @@ def test_voxel_correlation_combines_sums_like_one_pass():
     expected = [np.corrcoef(p[:, i], t[:, i])[0, 1] for i in range(7)]
     np.testing.assert_allclose(whole.r().numpy(), expected, atol=1e-12)
     np.testing.assert_allclose(halves.r().numpy(), expected, atol=1e-12)
+
+
+def test_the_sbatch_script_runs_torchrun_with_a_c10d_rendezvous_on_2_loopback_nodes(tiny_data, tiny_store, run_config, tmp_path):
+    from giblet_cli.cluster import sbatch_script
+
+    out = tmp_path / "run"
+    script = sbatch_script(tiny_data, out, nodes=2, gpus_per_node=2, config=run_config, store=tiny_store.path,
+                           python=sys.executable, partition="gpu")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=2" in script and "#SBATCH --partition=gpu" in script
+    assert "--rdzv_backend=c10d" in script and '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"' in script
+    lines = script.splitlines()
+    prepare = next(line for line in lines if "--prepare-only" in line)
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert '--nnodes="$SLURM_NNODES"' in srun and '--rdzv_id="$SLURM_JOB_ID"' in srun
+    env = dict(os.environ, OMP_NUM_THREADS="1", GIBLET_PROGRESS="0", GIBLET_DEVICE="cpu", SLURM_NNODES="2",
+               SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    assert subprocess.run(["bash", "-c", prepare], env=env, capture_output=True, text=True).returncode == 0
+    (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("epochs: 2", "epochs: 1"))
+    torchrun = srun.split(" ", 2)[2]  # what srun starts once per node
+    nodes = [subprocess.Popen(["bash", "-c", torchrun], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    line = next(l for stdout, _ in outputs for l in stdout.splitlines() if l.startswith("{") and "ranks" in l)
+    report = json.loads(line)
+    assert report["world_size"] == 4 and sorted(p["rank"] for p in report["ranks"]) == [0, 1, 2, 3]
