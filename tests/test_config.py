@@ -83,5 +83,5 @@ def test_the_documented_defaults_are_the_defaults():
 
     documented = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"
     assert load_config(documented) == load_config(None)
-    for example in ("demo.yaml",):
+    for example in ("demo.yaml", "small_cpu.yaml"):
         load_config(documented.parent / example)
