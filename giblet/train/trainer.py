@@ -11,6 +11,7 @@ needs and are written atomically by rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -73,7 +74,7 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def rng_state() -> Dict[str, object]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": repr(random.getstate())}
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -90,9 +91,12 @@ def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(model: GibletAutoencoder, loss_fn: GibletLoss, dataset: WindowDataset, batch_size: int, rank: int, world: int,
+def evaluate(model: GibletAutoencoder, dataset: WindowDataset, batch_size: int, rank: int, world: int,
              device, autocast) -> Dict[str, float]:
-    """Validation loss and per-voxel r (over the split's TRs) against the targets, all ranks together."""
+    """Validation fMRI loss and per-voxel r (over the split's TRs) against the targets, all ranks together.
+
+    Only layer 7 is computed: the decoder plays no part in these scores.
+    """
     model.eval()
     order = list(ShardSampler(len(dataset), rank, world, shuffle=False, pad=False))
     correlation = VoxelCorrelation(model.n_units, device)
@@ -100,10 +104,11 @@ def evaluate(model: GibletAutoencoder, loss_fn: GibletLoss, dataset: WindowDatas
     for start in range(0, len(order), batch_size):
         batch = to_device(dataset.batch(order[start : start + batch_size]), device)
         with autocast():
-            output = model(batch)
-            _, parts = loss_fn(output)
-        correlation.add(output["brain"].float(), output["targets"]["fmri"])
-        totals += torch.tensor([parts["fmri"].item() * len(batch["tr"]), len(batch["tr"])], dtype=torch.float64, device=device)
+            brain = model.encode(batch).float()
+        target = model.brain_targets(batch["fmri"].float())
+        correlation.add(brain, target)
+        loss = torch.nn.functional.mse_loss(brain, target)  # the fMRI term of GibletLoss
+        totals += torch.tensor([loss.item() * len(batch["tr"]), len(batch["tr"])], dtype=torch.float64, device=device)
     all_reduce(correlation.sums)
     all_reduce(totals)
     model.train()
@@ -134,9 +139,9 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     train_set = WindowDataset(store, "train", config.dataset.mode, index)
     val_set = WindowDataset(store, "val", "cross_subject", index)
     dims = dims_from_manifest(store.manifest, config.model.audio_input)
-    model = GibletAutoencoder(dims, config.model).to(device)
+    model = GibletAutoencoder(dims, config.model)
     model.set_grid(*store.mask())
-    model.grid_mask, model.grid_affine = model.grid_mask.to(device), model.grid_affine.to(device)
+    model.to(device)
     model.attach(Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width).to(device))
     loss_fn = GibletLoss(config.loss, LossScales.from_store(store, model))
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
@@ -203,7 +208,7 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
                     at = (step_in_epoch * t.grad_accum + micro) * per_rank
                     batch = to_device(train_set.batch(order[at : at + per_rank]), device)
                     sync = micro == t.grad_accum - 1 or world == 1
-                    with (ddp.no_sync() if not sync else _nothing()):
+                    with ddp.no_sync() if not sync else contextlib.nullcontext():
                         with autocast():
                             total, parts = loss_fn(ddp(batch))
                         (total / t.grad_accum).backward()
@@ -226,7 +231,7 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
                 if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                     save("last.pt", epoch)
             epoch += 1
-            result = evaluate(model, loss_fn, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
+            result = evaluate(model, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
             improved = result["val_r"] > best_r
             best_r, stale = (result["val_r"], 0) if improved else (best_r, stale + 1)
             result.update(epoch=epoch, step=step, best_val_r=best_r)
@@ -239,14 +244,6 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     if metrics_file:
         metrics_file.close()
     return result
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> None:
