@@ -14,3 +14,16 @@ def encode_stereo(container, stream, channels: np.ndarray, rate: int, first_pts:
             container.mux(packet)
     for packet in stream.encode():
         container.mux(packet)
+
+
+def write_mono_wav(path, values: np.ndarray, rate: int) -> None:
+    """A WAV file (no video stream) holding int16 ``values``."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+    frame = av.AudioFrame.from_ndarray(np.asarray(values, np.int16)[None], format="s16", layout="mono")
+    frame.sample_rate = rate
+    for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()

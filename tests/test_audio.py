@@ -20,7 +20,7 @@ from giblet.data.audio import (
     read_audio,
 )
 from giblet.errors import DataError
-from media import encode_stereo
+from media import encode_stereo, write_mono_wav
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,15 +85,7 @@ def test_audio_start_is_relative_to_video_start(tmp_path):
 def test_audio_only_file_starts_at_zero(tmp_path):
     path = tmp_path / "sound.wav"
     values = (np.arange(800) * 40 - 16000).astype(np.int16)
-    container = av.open(str(path), "w")
-    stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
-    frame = av.AudioFrame.from_ndarray(values[None], format="s16", layout="mono")
-    frame.sample_rate = 8000
-    for packet in stream.encode(frame):
-        container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    write_mono_wav(path, values, 8000)
     samples, rate, start_s = read_audio(path, progress=False)
     assert (rate, start_s) == (8000, 0.0)
     np.testing.assert_allclose(samples, values / 32768.0, atol=1e-6)

@@ -12,7 +12,7 @@ import pytest
 
 from giblet.data.video import MovieInfo, is_regular, iter_frames, probe_movie, read_frames, regular_grid_index
 from giblet.errors import DataError
-from media import encode_stereo
+from media import encode_stereo, write_mono_wav
 
 WIDTH, HEIGHT = 64, 48
 PATCH_RGB = (200, 60, 40)
@@ -211,14 +211,6 @@ def test_corrupt_file_names_it(tmp_path, movie_25):
 
 def test_file_without_video_stream(tmp_path):
     path = tmp_path / "sound.wav"
-    container = av.open(str(path), "w")
-    stream = container.add_stream("pcm_s16le", rate=8000, layout="mono")
-    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
-    frame.sample_rate = 8000
-    for packet in stream.encode(frame):
-        container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+    write_mono_wav(path, np.zeros(800, np.int16), 8000)
     with pytest.raises(DataError, match="sound.wav: has no video stream"):
         probe_movie(path)
