@@ -203,8 +203,12 @@ def test_the_sbatch_script_runs_torchrun_with_a_c10d_rendezvous_on_2_loopback_no
     assert subprocess.run(["bash", "-c", prepare], env=env, capture_output=True, text=True).returncode == 0
     (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("epochs: 2", "epochs: 1"))
     torchrun = srun.split(" ", 2)[2]  # what srun starts once per node
-    nodes = [subprocess.Popen(["bash", "-c", torchrun], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    nodes = []
+    for _ in range(2):
+        nodes.append(subprocess.Popen(["bash", "-c", torchrun], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        # On one host both agents match the endpoint address and race to host the c10d store;
+        # on a cluster only the first node does. Start the second once the first is listening.
+        time.sleep(3)
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:] + outputs[1][1][-2000:]
     line = next(l for stdout, _ in outputs for l in stdout.splitlines() if l.startswith("{") and "ranks" in l)
