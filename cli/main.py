@@ -215,45 +215,95 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+TRAIN_CASE = "train_step"
+
+
 @app.command()
+@fail_cleanly
 def bench(
     size: BenchSize = typer.Option(BenchSize.sherlock, help="Problem sizes: the Sherlock dataset's, or small ones."),
     device: Device = typer.Option(Device.cpu, help="Where the ops run."),
     repeats: int = typer.Option(8, min=1, help="Timed calls per variant (rounded up to an even number); the median is reported."),
-    case: Optional[List[str]] = typer.Option(None, help="Only these cases (repeatable); default all."),
+    case: Optional[List[str]] = typer.Option(
+        None, help=f"Only these cases (repeatable): an op case, or {TRAIN_CASE} for the model's training step; default all."
+    ),
     memory: bool = typer.Option(True, help="Measure peak extra memory (CPU: one fresh process per variant)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows and ratios as JSON here."),
-    check: bool = typer.Option(False, help="Exit 1 if a CPU target is missed (targets are for sherlock sizes)."),
+    check: bool = typer.Option(
+        False, help="Exit 1 if a CPU target is missed (op targets are for sherlock sizes) or the native training step is not faster."
+    ),
+    train_steps: int = typer.Option(
+        6, min=1, help=f"{TRAIN_CASE}: timed optimizer steps per variant (rounded up to an even number); the median is reported."
+    ),
+    train_batch: Optional[int] = typer.Option(None, min=1, help=f"{TRAIN_CASE}: windows per step (default: train.batch_size, 16)."),
+    train_config: Optional[Path] = typer.Option(
+        None, "--train-config", help=f"{TRAIN_CASE}: YAML settings of the model, loss and optimizer (default: the defaults, as `giblet train`)."
+    ),
+    store: Optional[Path] = typer.Option(
+        None, "--store", help=f"{TRAIN_CASE}: take the batch from this prepared store (default: synthetic data at the tiny preset's sizes)."
+    ),
+    train_threads: Optional[int] = typer.Option(
+        None, min=1, help=f"{TRAIN_CASE}: torch threads (default: every CPU this process may use)."
+    ),
 ) -> None:
-    """Time the native ops against their baselines (forward + backward, median) and measure peak extra memory."""
+    """Time the native ops against their baselines (forward + backward, median) and measure peak extra memory;
+    time the model's training step (TRs/s) with the native ops and with the references swapped in."""
     import torch
 
     from giblet import ops
-    from giblet.bench import SIZES, run_benchmarks, timed_calls
+    from giblet.bench import CASES, SIZES, run_benchmarks
 
     size, device = size.value, device.value
     assert set(SIZES) == {s.value for s in BenchSize}
+    unknown = [name for name in case or [] if name not in CASES and name != TRAIN_CASE]
+    if unknown:
+        raise typer.BadParameter(f"{', '.join(map(repr, unknown))}; expected one of {', '.join([*CASES, TRAIN_CASE])}", param_hint="--case")
+    op_cases = [name for name in case if name != TRAIN_CASE] if case else list(CASES)
+    train = not case or TRAIN_CASE in case
     if device == "cuda" and not (torch.cuda.is_available() and ops.build_info()["cuda_kernels"]):
         console.print("[red]--device cuda needs a visible GPU and a build with CUDA kernels (see `giblet validate`)[/red]")
         raise typer.Exit(1)
     info = ops.build_info()
     where = info["device_name"] if device == "cuda" else f"CPU ({info['cpu_capability']}, {info['threads']} threads)"
-    with console.status("benchmarking") as status:
-        rows = run_benchmarks(size, device, repeats, case, memory, progress=lambda text: status.update(f"benchmarking {text}"))
+    rows = []
+    if op_cases:
+        with console.status("benchmarking") as status:
+            rows = run_benchmarks(size, device, repeats, op_cases, memory, progress=lambda text: status.update(f"benchmarking {text}"))
+        _print_op_table(rows, size, where, info["torch"], repeats)
+    ratios, missed = _op_targets(rows, size, device)
+    train_result = None
+    if train:
+        train_result = _bench_train_step(device, train_steps, train_batch, train_config, store, train_threads)
+        if device == "cpu" and train_result.speedup <= 1.0:
+            missed.append(f"{TRAIN_CASE}: the training step with the native ops is faster than with the references")
+    if json_out:
+        payload = {
+            "size": size,
+            "device": where,
+            "torch": info["torch"],
+            "repeats": repeats,
+            "rows": [r.__dict__ for r in rows],
+            "ratios": [{"case": c, "baseline": b, **v} for (c, b), v in ratios.items()],
+            "train_step": None if train_result is None else train_result.to_dict(),
+            "missed_targets": missed,
+        }
+        json_out.write_text(json.dumps(payload, indent=2))
+        console.print(f"wrote {json_out}")
+    if check and missed:
+        raise typer.Exit(1)
 
-    table = Table(title=f"giblet bench: {size} sizes on {where}, torch {info['torch']}, median of {timed_calls(repeats)} calls")
+
+def _print_op_table(rows, size: str, where: str, torch_version: str, repeats: int) -> None:
+    from giblet.bench import timed_calls
+
+    table = Table(title=f"giblet bench: {size} sizes on {where}, torch {torch_version}, median of {timed_calls(repeats)} calls")
     for column in ("case", "variant", "median ms", "giblet speed-up", "peak extra MB", "giblet memory ratio"):
         table.add_column(column, justify="right" if column not in ("case", "variant") else "left")
     fused = {r.case: r for r in rows if r.variant == "giblet"}
-    ratios = {}
+    ratios = _ratios(rows)
     for row in rows:
-        base = fused[row.case]
-        speedup = memory_ratio = None
-        if row.variant != "giblet":
-            speedup = row.median_s / base.median_s
-            if row.peak_extra_bytes and base.peak_extra_bytes is not None:
-                memory_ratio = base.peak_extra_bytes / row.peak_extra_bytes
-            ratios[(row.case, row.variant)] = {"speedup": speedup, "memory": memory_ratio}
+        ratio = ratios.get((row.case, row.variant), {})
+        speedup, memory_ratio = ratio.get("speedup"), ratio.get("memory")
         table.add_row(
             escape(row.case) if row.variant == "giblet" else "",
             row.variant,
@@ -266,7 +316,25 @@ def bench(
     for case_name in {r.case: r for r in rows}:
         console.print(f"  {escape(case_name)}: {fused[case_name].description}")
 
-    missed = []
+
+def _ratios(rows) -> dict:
+    """(case, baseline) -> giblet's speed-up and memory ratio against that baseline."""
+    fused = {r.case: r for r in rows if r.variant == "giblet"}
+    ratios = {}
+    for row in rows:
+        if row.variant == "giblet":
+            continue
+        base = fused[row.case]
+        memory_ratio = None
+        if row.peak_extra_bytes and base.peak_extra_bytes is not None:
+            memory_ratio = base.peak_extra_bytes / row.peak_extra_bytes
+        ratios[(row.case, row.variant)] = {"speedup": row.median_s / base.median_s, "memory": memory_ratio}
+    return ratios
+
+
+def _op_targets(rows, size: str, device: str):
+    """The ratios, and the CPU targets missed (each printed as met or missed)."""
+    ratios, missed = _ratios(rows), []
     if device == "cpu" and size == "sherlock":
         for case_name, baseline, measure, bound, meaning in TARGETS:
             value = ratios.get((case_name, baseline), {}).get(measure)
@@ -277,21 +345,47 @@ def bench(
             console.print(f"  {'[green]met[/green]   ' if ok else '[red]missed[/red]'} {escape(case_name)}: {meaning} ({shown})")
             if not ok:
                 missed.append(f"{case_name}: {meaning}")
-    if json_out:
-        payload = {
-            "size": size,
-            "device": where,
-            "torch": info["torch"],
-            "repeats": repeats,
-            "rows": [r.__dict__ for r in rows],
-            "ratios": [{"case": c, "baseline": b, **v} for (c, b), v in ratios.items()],
-            "missed_targets": missed,
-        }
-        json_out.write_text(json.dumps(payload, indent=2))
-        console.print(f"wrote {json_out}")
-    if check and missed:
-        raise typer.Exit(1)
+    return ratios, missed
 
+
+def _bench_train_step(device: str, steps: int, batch: Optional[int], config_path: Optional[Path], store_path: Optional[Path],
+                      threads: Optional[int]):
+    """Time the training step with the native ops and with the references; print the "training step" table."""
+    from giblet.bench_train import VariantsDisagree, run_train_bench
+    from giblet.config import load_config
+
+    settings = load_config(config_path)
+    store = None
+    if store_path is not None:
+        from giblet.data.store import open_store
+
+        store = open_store(store_path)
+    with console.status(f"benchmarking {TRAIN_CASE}") as status:
+        try:
+            result = run_train_bench(steps, batch, store, settings, device, threads,
+                                     progress=lambda text: status.update(f"benchmarking {text}"))
+        except VariantsDisagree as error:
+            console.print(f"[red]{TRAIN_CASE}: the two variants disagree, nothing timed:[/red] {escape(str(error))}")
+            raise typer.Exit(1) from None
+    threads = f"{result.threads} thread{'' if result.threads == 1 else 's'}"
+    where = f"CPU, {threads}, load {result.load_average[0]:.1f}" if device == "cpu" else device
+    table = Table(title=f"training step: {where}, batch {result.batch_size}, median of {result.steps} steps")
+    for column in ("variant", "median ms/step", "TRs/s", "giblet speed-up"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in result.rows:
+        table.add_row(row.variant, f"{row.median_s * 1e3:,.1f}", f"{row.trs_per_s:,.2f}",
+                      "" if row.variant == "giblet" else f"{result.speedup:.2f}x")
+    console.print(table)
+    agreement = result.agreement
+    console.print(f"  forward, loss, backward, gradient clipping, AdamW step; {result.n_parameters:,} parameters; "
+                  f"{escape(result.description)}")
+    console.print(f"  same batch, same draws: loss {agreement.loss_giblet:.6g} (giblet) vs {agreement.loss_reference:.6g} "
+                  f"(reference), gradients within {agreement.grad_rel_diff:.1e} of their largest value")
+    if device == "cpu":
+        ok = result.speedup > 1.0
+        console.print(f"  {'[green]met[/green]   ' if ok else '[red]missed[/red]'} {TRAIN_CASE}: "
+                      f"the native ops train faster than the references ({result.speedup:.2f}x)")
+    return result
 
 if __name__ == "__main__":
     app()
