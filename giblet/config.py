@@ -135,6 +135,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
     min_lr_fraction: float = 0.1
     clip_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
     patience: int = 8  # epochs without a better validation r before stopping
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (bitwise-repeatable runs and resumes on the CPU)

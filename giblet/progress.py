@@ -34,6 +34,11 @@ class _Bar:
         if self._progress is not None:
             self._progress.update(self._task, total=total)
 
+    def describe(self, text: str) -> None:
+        """Replace the text in front of the bar (e.g. the latest loss and rate)."""
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
 
 @contextmanager
 def bar(description: str, total: Optional[float] = None, show: Optional[bool] = None) -> Iterator[_Bar]:

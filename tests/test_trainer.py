@@ -74,6 +74,13 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     assert {"optimizer", "scheduler", "rng", "step", "config"} <= set(state)
     model = giblet.load(out)
     assert model.n_units == tiny_store.n_voxels
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    val_r = [event.value for event in board.Scalars("val/val_r")]
+    assert val_r == pytest.approx([r["val_r"] for r in epochs], abs=1e-6)
+    assert len(board.Scalars("train/loss")) == len(steps)
 
 
 def test_two_processes_end_with_the_weights_of_one(tiny_data, tiny_store, run_config, tmp_path):
@@ -202,3 +209,20 @@ def test_the_sbatch_script_prepares_once_then_runs_torchrun_with_a_c10d_rendezvo
     # store and the run can hang at the exit barrier); the 2-node ranks are tested with a static
     # rendezvous in test_two_loopback_nodes_make_world_size_4_with_ranks_0_to_3.
     assert "-m giblet.train.trainer" in srun and prepare.split()[0] == sys.executable
+
+
+def test_weight_average_follows_the_weights_and_swaps_in_and_out():
+    from giblet.train.trainer import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    start = model.weight.detach().clone()
+    average = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(step=1000)  # decay 0.9 once past the ramp
+    expected = start + 0.1 * 1.0
+    with average.swapped_in():
+        torch.testing.assert_close(model.weight.detach(), expected)
+    torch.testing.assert_close(model.weight.detach(), start + 1.0)  # the optimizer's weights are back
+    average.update(step=0)  # the ramp: decay (1 + 0) / 10 = 0.1 at the first step
+    torch.testing.assert_close(average.average["weight"], 0.1 * expected + 0.9 * (start + 1.0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -116,6 +117,45 @@ def evaluate(model: GibletAutoencoder, dataset: WindowDataset, batch_size: int, 
     return {"val_fmri_loss": float(totals[0] / totals[1].clamp(min=1)), "val_r": float(r.mean()), "val_r_median": float(r.median())}
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights and buffers.
+
+    ``update(step)`` after each optimizer step, with the decay ramped as ``min(decay, (1 + step) / (10 + step))``
+    so the first steps are not averaged with the random initialisation; ``swapped_in()`` puts the average
+    into the model for validation or saving and restores the optimizer's weights afterwards. Every DDP rank
+    holds the same weights after a step, so every rank keeps the same average without communication.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.model, self.decay = model, decay
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
+        state = self.model.state_dict()
+        for key, average in self.average.items():
+            average.lerp_(state[key], weight)
+
+    def load(self, state: Dict[str, torch.Tensor]) -> None:
+        for key, average in self.average.items():
+            average.copy_(state[key])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        state = self.model.state_dict()
+        raw = {key: state[key].detach().clone() for key in self.average}
+        with torch.no_grad():
+            for key, average in self.average.items():
+                state[key].copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for key, value in raw.items():
+                    state[key].copy_(value)
+
+
 def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict[str, float]:
     """Train on ``store``, writing checkpoints and metrics under ``out``; returns the final metrics."""
     t = config.train
@@ -161,6 +201,7 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     )
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and t.bf16)  # noqa: E731
 
+    ema = WeightAverage(model, t.ema_decay) if t.ema_decay > 0 else None
     step, epoch, best_r, stale = 0, 0, -math.inf, 0
     if resume and (checkpoints / "last.pt").is_file():
         state = read_checkpoint(checkpoints / "last.pt")  # to the CPU first: no GPU memory spike
@@ -170,7 +211,9 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
         if state["config"] != config.to_dict():
             raise DataError(checkpoints / "last.pt", "the run's settings differ from this config", expected="the config the run was started with",
                             fix=f"use {out / CONFIG_NAME}")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("raw_model", state["model"]))
+        if ema is not None:
+            ema.load(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
@@ -184,12 +227,17 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
         else:
             states = [rng_state()]
         if master:
-            save_checkpoint(
-                model, checkpoints / name, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=states,
-                step=step, epoch=epoch_now, best_r=best_r, stale=stale, config=config.to_dict(), store_key=store.key,
-            )
+            # With an average, "model" holds the averaged weights (what `giblet.load` returns) and
+            # "raw_model" the optimizer's, from which training resumes.
+            raw = {"raw_model": {k: v.clone() for k, v in model.state_dict().items()}} if ema is not None else {}
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                save_checkpoint(
+                    model, checkpoints / name, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=states,
+                    step=step, epoch=epoch_now, best_r=best_r, stale=stale, config=config.to_dict(), store_key=store.key, **raw,
+                )
 
     metrics_file = open(out / "metrics.jsonl", "a") if master else None
+    board = _tensorboard(out / "tensorboard") if master else None
     from giblet.progress import bar
 
     result: Dict[str, float] = {}
@@ -217,6 +265,8 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update(step)
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 samples_seen += t.batch_size
@@ -228,22 +278,46 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
                               "fmri_loss": float(sums[1] / t.batch_size), "trs_per_s": rate}
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
+                    _board_scalars(board, "train", record, step)
+                    progress.describe(f"train loss {record['loss']:.3f} | val r {best_r if best_r > -math.inf else math.nan:.3f} | {rate:.1f} TRs/s")
                 if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                     save("last.pt", epoch)
             epoch += 1
-            result = evaluate(model, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                result = evaluate(model, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
             improved = result["val_r"] > best_r
             best_r, stale = (result["val_r"], 0) if improved else (best_r, stale + 1)
             result.update(epoch=epoch, step=step, best_val_r=best_r)
             if master:
                 metrics_file.write(json.dumps(result) + "\n")
                 metrics_file.flush()
+                _board_scalars(board, "val", result, step)
             if improved:
                 save("best.pt", epoch)
             save("last.pt", epoch)
     if metrics_file:
         metrics_file.close()
+    if board:
+        board.close()
     return result
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard event writer (``tensorboard --logdir RUN/tensorboard``), or None without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _board_scalars(board, prefix: str, record: Dict[str, float], step: int) -> None:
+    if board is None:
+        return
+    for key, value in record.items():
+        if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+            board.add_scalar(f"{prefix}/{key}", value, step)
+    board.flush()
 
 
 def main(argv=None) -> None:
@@ -263,7 +337,20 @@ def main(argv=None) -> None:
     if me["rank"] == 0:
         print(json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", 1)), "ranks": everyone, **result}))
     if dist.is_initialized():
-        dist.destroy_process_group()
+        shut_down_process_group()
+
+
+def shut_down_process_group() -> None:
+    """Leave the process group without gloo aborting at exit.
+
+    A DistributedDataParallel wrapper still alive when the group goes (its reducer sits in a
+    reference cycle, so leaving ``train`` does not free it) makes about one gloo run in five
+    end in ``terminate called without an active exception``. Collect it first, then meet
+    the other ranks and destroy the group.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def write_run_config(config: Config, out: Path) -> Path:
