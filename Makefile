@@ -4,7 +4,7 @@
 #   make build     rebuild the extension in place (incremental: seconds after editing one kernel)
 #   make test      pytest + the native ctest suite (CPU; CUDA tests skip without a GPU)
 #   make bench     `giblet bench` at Sherlock sizes, then the pytest-benchmark suite
-#   make demo      synth a tiny dataset -> validate it -> prepare its store -> read/op benchmarks
+#   make demo      `giblet demo`: synth a tiny dataset -> validate -> train on the CPU -> evaluate
 #
 # GIBLET_CUDA=0 builds CPU kernels only (fast local iteration); by default the
 # CUDA kernels are compiled too when torch has CUDA and nvcc is found.
@@ -47,15 +47,10 @@ bench: build
 	$(BIN)/giblet bench --json build/bench.json
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
-DEMO_DATA ?= demo_data
-DEMO_STORE ?= runs/demo_store
+DEMO_DIR ?= demo
 
 demo: build
-	test -d $(DEMO_DATA) || $(BIN)/giblet data synth $(DEMO_DATA) --preset tiny
-	$(BIN)/giblet validate --data $(DEMO_DATA) --config configs/demo.yaml
-	$(BIN)/giblet data prepare $(DEMO_DATA) --config configs/demo.yaml --out $(DEMO_STORE)
-	$(BIN)/giblet data bench $(DEMO_STORE) --repeats 50
-	$(BIN)/giblet bench --repeats 3
+	$(BIN)/giblet demo --out $(DEMO_DIR)
 
 # Compile the CUDA kernels even without a GPU (CI has nvcc but no GPU).
 cuda-compile: $(VENV)/.installed

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from giblet_cli import cluster as cluster_commands
 from giblet_cli import data as data_commands
+from giblet_cli.demo import demo as demo_command
 from giblet_cli.train import train as train_command
 from giblet_cli.common import console, fail_cleanly
 
@@ -65,6 +66,7 @@ def _build_table(info: dict) -> Table:
 app.add_typer(data_commands.app, name="data")
 app.add_typer(cluster_commands.app, name="cluster")
 app.command(name="train")(train_command)
+app.command(name="demo")(demo_command)
 
 
 class Baseline(str, Enum):
@@ -86,6 +88,11 @@ def evaluate(
     if split not in ("test", "val"):
         raise typer.BadParameter(f"{split!r}; expected test or val", param_hint="--split")
     metrics = run_evaluation(run, store, None if baseline is Baseline.none else baseline.value, split)
+    print_metrics(metrics, run, split)
+
+
+def print_metrics(metrics: dict, run: Path, split: str) -> None:
+    """The table of `giblet evaluate` (also printed by `giblet demo`)."""
     table = Table(title=f"giblet evaluate {escape(str(run))}: {split} TRs {metrics['test_trs'][0]}-{metrics['test_trs'][1] - 1}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -94,6 +101,14 @@ def evaluate(
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for name, values in metrics["baselines"].items():
         table.add_row(f"baseline {name}: mean_r", f"{values['mean_r']:.4f}")
+    truth = metrics.get("truth")
+    if truth and "skipped" not in truth:
+        table.add_row("truth: signal voxels", str(truth["signal_voxels"]))
+        table.add_row("truth: r of the noise-free signal (ceiling)", f"{truth['true_signal_r']:.4f}")
+        for name in ("model", "ridge"):
+            if name in truth:
+                table.add_row(f"truth: {name} mean_r on signal voxels", f"{truth[name]['mean_r']:.4f}")
+                table.add_row(f"truth: {name} fraction of the ceiling", f"{truth[name]['fraction_of_ceiling']:.3f}")
     console.print(table)
     console.print(f"maps and plots in {escape(str(Path(run) / 'eval'))}: r_map.nii.gz, prediction_{split}.nii.gz, r_map.png, r_histogram.png")
 

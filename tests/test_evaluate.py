@@ -56,7 +56,7 @@ def trained_run(tiny_data, tiny_store, tiny_config, tmp_path_factory):
     return out
 
 
-def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_store):
+def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_store):
     result = runner.invoke(app, ["evaluate", str(trained_run), "--store", str(tiny_store.path)])
     assert result.exit_code == 0, result.output
     out = trained_run / "eval"
@@ -78,3 +78,13 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_store):
     np.testing.assert_allclose(r_map[mask], pearson_r(values[mask].T, group), atol=1e-4)
     assert metrics["mean_r"] == pytest.approx(float(r_map[mask].mean()), abs=1e-5)
     assert (out / "r_map.png").stat().st_size > 1000 and (out / "r_histogram.png").stat().st_size > 1000
+    # The synthetic truth: scores on the voxels that carry signal, against what the true signal itself scores.
+    truth = metrics["truth"]
+    signal = np.load(tiny_data / "_truth" / "signal.npy")
+    assert truth["signal_voxels"] == int((signal.std(axis=0) > 0).sum()) < tiny_store.n_voxels
+    # The noise-free signal against the measured group mean on the test TRs: near the expected ceiling if the
+    # TRs line up (a one-TR shift of a 1.5 s TR series drops it well below).
+    assert truth["true_signal_r"] > 0.5 and abs(truth["true_signal_r"] - truth["noise_ceiling"]) < 0.15
+    assert truth["ridge"]["mean_r"] > truth["ridge"]["mean_r_noise_voxels"] + 0.1
+    assert truth["model"]["fraction_of_ceiling"] == pytest.approx(truth["model"]["mean_r"] / truth["true_signal_r"])
+    assert "fraction of the ceiling" in result.output

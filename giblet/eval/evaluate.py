@@ -80,6 +80,42 @@ def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.n
     return np.asarray(model.predict(delayed[test[0] : test[1]]), dtype=np.float32)
 
 
+def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray]) -> Optional[Dict[str, object]]:
+    """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
+
+    ``scores`` maps a name (``model``, ``ridge``) to per-voxel r against the group mean. Two ceilings:
+    ``noise_ceiling`` (``_truth/noise_ceiling.npy``, expected over the whole movie) and
+    ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
+    the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter.
+    """
+    import nibabel as nib
+
+    movie = store.manifest.get("sources", {}).get("movie", {}).get("path")
+    truth = Path(movie).parent / "_truth" if movie else None
+    if truth is None or not (truth / "signal.npy").is_file() or not (truth / "brain_mask.nii.gz").is_file():
+        return None
+    mask, _ = store.mask()
+    truth_mask = np.asarray(nib.load(str(truth / "brain_mask.nii.gz")).dataobj) > 0
+    if truth_mask.shape != mask.shape or not np.array_equal(truth_mask, mask):
+        return {"folder": str(truth), "skipped": "the store's voxel mask differs from the truth's brain mask"}
+    start, stop = store.splits[split]
+    signal = np.load(truth / "signal.npy", mmap_mode="r")
+    carries = np.asarray(signal).std(axis=0) > 0
+    group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
+    first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t, the truth's row
+    ceiling = pearson_r(np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries], group[:, carries])
+    result: Dict[str, object] = {
+        "folder": str(truth),
+        "signal_voxels": int(carries.sum()),
+        "noise_ceiling": float(np.load(truth / "noise_ceiling.npy")[carries].mean()),
+        "true_signal_r": float(ceiling.mean()),
+    }
+    for name, r in scores.items():
+        result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
+                        "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
+    return result
+
+
 def _volume(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mask-ordered values ``(V,)`` or ``(V, T)`` onto the grid, zeros outside the mask."""
     out = np.zeros(mask.shape + values.shape[1:], dtype=np.float32)
@@ -167,6 +203,12 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
             "features": int(features.shape[1]),
             "fir_delays_trs": delays,
         }
+    scores = {"model": r}
+    if baseline == "ridge":
+        scores["ridge"] = ridge_r
+    truth = truth_metrics(store, split, scores)
+    if truth is not None:
+        metrics["truth"] = truth
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(_volume(prediction.T, mask), affine), str(out / f"prediction_{split}.nii.gz"))
