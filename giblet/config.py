@@ -135,6 +135,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
     min_lr_fraction: float = 0.1
     clip_grad_norm: float = 1.0
+    time_jitter: float = 0.0  # move each training window later by a random fraction of a TR up to this (0-1), target interpolated
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
     patience: int = 8  # epochs without a better validation r before stopping
     seed: int = 0
@@ -271,6 +272,10 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.lr must be > 0 and train.weight_decay, clip_grad_norm, checkpoint_every_steps >= 0")
     if not (0 <= t.warmup_fraction < 1 and 0 <= t.min_lr_fraction <= 1):
         raise ConfigError(f"{source}: train.warmup_fraction must be in [0, 1) and train.min_lr_fraction in [0, 1]")
+    if not 0 <= t.time_jitter <= 1:
+        raise ConfigError(f"{source}: train.time_jitter is {t.time_jitter}; expected a fraction of a TR in [0, 1]")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"{source}: train.ema_decay is {t.ema_decay}; expected a decay in [0, 1) (0: off)")
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")

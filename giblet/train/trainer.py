@@ -249,12 +249,15 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
             sampler = ShardSampler(len(train_set), rank, world, shuffle=True, seed=t.seed, pad=False)
             sampler.set_epoch(epoch)
             order = list(sampler)
+            # Window shifts drawn per sample index from (seed, epoch): the same on every rank, for any process count.
+            shifts = np.random.default_rng([t.seed, epoch]).random(len(train_set)) * t.time_jitter if t.time_jitter > 0 else None
             first = step - epoch * steps_per_epoch  # optimizer steps already done in this epoch (resume mid-epoch)
             for step_in_epoch in range(first, steps_per_epoch):
                 sums = torch.zeros(2, dtype=torch.float64, device=device)
                 for micro in range(t.grad_accum):
                     at = (step_in_epoch * t.grad_accum + micro) * per_rank
-                    batch = to_device(train_set.batch(order[at : at + per_rank]), device)
+                    items = order[at : at + per_rank]
+                    batch = to_device(train_set.batch(items, None if shifts is None else shifts[items]), device)
                     sync = micro == t.grad_accum - 1 or world == 1
                     with ddp.no_sync() if not sync else contextlib.nullcontext():
                         with autocast():
