@@ -258,7 +258,8 @@ def bench(
         None, "--store", help=f"{TRAIN_CASE}: take the batch from this prepared store (default: synthetic data at the tiny preset's sizes)."
     ),
     train_threads: Optional[int] = typer.Option(
-        None, min=1, help=f"{TRAIN_CASE}: torch threads (default: every CPU this process may use)."
+        None, min=1, help=f"{TRAIN_CASE}: torch threads (default: every CPU this process may use; on a busy machine "
+                          "use 1, or set OMP_WAIT_POLICY=PASSIVE, or threads spinning at each parallel region dominate)."
     ),
 ) -> None:
     """Time the native ops against their baselines (forward + backward, median) and measure peak extra memory;
@@ -383,7 +384,8 @@ def _bench_train_step(device: str, steps: int, batch: Optional[int], config_path
             console.print(f"[red]{TRAIN_CASE}: the two variants disagree, nothing timed:[/red] {escape(str(error))}")
             raise typer.Exit(1) from None
     threads = f"{result.threads} thread{'' if result.threads == 1 else 's'}"
-    where = f"CPU, {threads}, load {result.load_average[0]:.1f}" if device == "cpu" else device
+    policy = f", OMP_WAIT_POLICY={result.omp_wait_policy}" if result.omp_wait_policy else ""
+    where = f"CPU, {threads}{policy}, load {result.load_average[0]:.1f}" if device == "cpu" else device
     table = Table(title=f"training step: {where}, batch {result.batch_size}, median of {result.steps} steps")
     for column in ("variant", "median ms/step", "TRs/s", "giblet speed-up"):
         table.add_column(column, justify="left" if column == "variant" else "right")

@@ -355,6 +355,7 @@ class TrainBench:
     device: str
     threads: int
     load_average: List[float]  # 1, 5, 15 min, when the timing ended
+    omp_wait_policy: Optional[str]  # OMP_WAIT_POLICY: with threads spinning at barriers a busy machine slows parallel code most
     batch_size: int
     n_parameters: int
     steps: int  # timed steps per variant
@@ -429,6 +430,7 @@ def run_train_bench(
         device=str(dev),
         threads=used,
         load_average=list(os.getloadavg()),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         batch_size=batch_size,
         n_parameters=trainees["giblet"].model.n_parameters(),
         steps=len(spent[0]),

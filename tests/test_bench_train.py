@@ -166,6 +166,7 @@ def test_cli_prints_and_writes_the_training_step(tmp_path):
     assert report["rows"] == []
     step = report["train_step"]
     assert step["batch_size"] == 2 and step["steps"] == 2 and step["threads"] == 1 and len(step["load_average"]) == 3
+    assert "omp_wait_policy" in step
     assert [row["variant"] for row in step["rows"]] == ["giblet", "reference"]
     for row in step["rows"]:
         assert row["median_s"] > 0 and row["trs_per_s"] == pytest.approx(2 / row["median_s"])
