@@ -193,7 +193,7 @@ def test_voxel_correlation_combines_sums_like_one_pass():
     np.testing.assert_allclose(halves.r().numpy(), expected, atol=1e-12)
 
 
-def test_the_sbatch_script_prepares_once_then_runs_torchrun_with_a_c10d_rendezvous(tiny_data, tiny_store, run_config, tmp_path):
+def test_the_sbatch_script_runs_on_two_loopback_nodes_with_a_c10d_rendezvous(tiny_data, tiny_store, run_config, tmp_path):
     from giblet_cli.cluster import sbatch_script
 
     out = tmp_path / "run"
@@ -205,10 +205,27 @@ def test_the_sbatch_script_prepares_once_then_runs_torchrun_with_a_c10d_rendezvo
     prepare = next(line for line in lines if "--prepare-only" in line)
     srun = next(line for line in lines if line.startswith("srun "))
     assert '--nnodes="$SLURM_NNODES"' in srun and '--rdzv_id="$SLURM_JOB_ID"' in srun
-    # Running this torchrun line as two agents on one host is not reliable (both race to host the c10d
-    # store and the run can hang at the exit barrier); the 2-node ranks are tested with a static
-    # rendezvous in test_two_loopback_nodes_make_world_size_4_with_ranks_0_to_3.
     assert "-m giblet.train.trainer" in srun and prepare.split()[0] == sys.executable
+
+    # Run the script's own lines on two loopback "nodes" of 2 CPU processes: what srun would start on
+    # each node, with SLURM's variables set. On distinct hosts the node whose name is MASTER_ADDR hosts
+    # the c10d store; on one host both would claim it, so each agent is told (--rdzv_conf=is_host).
+    env = dict(os.environ, SLURM_NNODES="2", SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               GIBLET_DEVICE="cpu", OMP_NUM_THREADS="1", GIBLET_PROGRESS="0")
+    assert subprocess.run(["bash", "-c", prepare], env=env, capture_output=True, text=True, timeout=600).returncode == 0
+    torchrun = srun.removeprefix("srun --kill-on-bad-exit=1 ")
+    agents = []
+    for node in (0, 1):
+        line = torchrun.replace("-m torch.distributed.run ", f"-m torch.distributed.run --rdzv_conf=is_host={1 - node} ", 1)
+        agents.append(subprocess.Popen(["bash", "-c", line], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(2 if node == 0 else 0)  # the host agent first, as node 0 of a job usually is
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    reports = [json.loads(line) for stdout, _ in outputs for line in stdout.splitlines() if line.startswith('{"world_size"')]
+    assert len(reports) == 1 and reports[0]["world_size"] == 4
+    assert sorted(r["rank"] for r in reports[0]["ranks"]) == [0, 1, 2, 3]
+    assert sorted(r["local_rank"] for r in reports[0]["ranks"]) == [0, 0, 1, 1]
+    assert (out / "checkpoints" / "last.pt").is_file()
 
 
 def test_weight_average_follows_the_weights_and_swaps_in_and_out():
