@@ -1,0 +1,603 @@
+"""`giblet lesion RUN --roi ROI.nii.gz`: what the decoder loses when a region of layer 7 is silenced.
+
+The held-out windows are encoded once; their layer 7 is decoded intact and with the
+ROI's units at 0 (what ``model.lesion`` does: a lesioned unit of the bottleneck outputs
+exactly 0). Each modality's reconstruction loss is the matching term of
+``GibletLoss`` (frames MSE, mel MSE or code cross-entropy, text cosine distance) over
+the same windows. Its relative change is compared with the changes that random sets of
+units of the same size cause: ``p = (1 + #{random change >= observed}) / (1 + N)``.
+
+Writes ``OUT/`` (default ``RUN/lesion/<roi name>/``), atomically:
+
+- ``lesion.json``: ``{"roi_voxels": N, "modalities": {"video": {"loss_intact", "loss_lesioned",
+  "relative_change", "p_value"}, "audio": {...}, "text": {...}}, ...}``;
+- ``frames.mp4``: one frame per held-out TR, original | intact | lesioned (H.264);
+- ``audio_intact.wav``, ``audio_lesioned.wav`` (and ``audio_original.wav`` for mel):
+  decoded mel through Griffin-Lim, or decoded codes through the store's EnCodec model;
+- ``nearest_text.json`` and ``nearest_text.txt``: per window and text slot, the
+  annotation whose embedding is nearest (cosine) to the decoded one, intact and lesioned.
+
+Reconstructions of overlapping windows are merged on the stream's own clock: a moment
+that several windows cover gets the mean of their slots that cover it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import wave
+from fractions import Fraction
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from giblet.data.dataset import WindowDataset, window_index
+from giblet.data.store import Store, open_store
+from giblet.errors import DataError
+from giblet.models import Stimuli
+from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
+from giblet.progress import bar
+from giblet.train.losses import GibletLoss, LossScales
+
+# The GibletLoss term that scores each reported modality; "audio" is whichever audio stream the model decodes.
+LOSS_TERMS = {"video": "frames", "mel": "mel", "codes": "codes", "text": "text"}
+REPORTED = {"video": "video", "mel": "audio", "codes": "audio", "text": "text"}
+VIDEO_FPS = 2
+VIDEO_SCALE = 6  # decoded frames are small (18x32 by default): enlarged for viewing
+GRIFFIN_LIM_ITERATIONS = 16
+BATCH_SIZE = 16
+
+PathLike = Union[str, Path]
+
+
+# --------------------------------------------------------------------------- the run and the ROI
+
+
+def _run_folder(run: Path, checkpoint: Path) -> Path:
+    return run if run.is_dir() else checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def open_run(run: PathLike, store_path: Optional[PathLike] = None) -> Tuple[Path, Store]:
+    """(checkpoint, store) of a run folder or checkpoint file, as ``giblet evaluate`` finds them: the best (else
+    last) checkpoint and the store it was trained on (default ``RUN/store``; another store is refused by its key)."""
+    run = Path(run)
+    checkpoint = find_checkpoint(run)
+    store = open_store(store_path or _run_folder(run, checkpoint) / "store")
+    expected = read_checkpoint(checkpoint).get("store_key")
+    if expected and expected != store.key:
+        raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")
+    return checkpoint, store
+
+
+def load_model(checkpoint: Path, store: Store):
+    """The model in eval mode on the store's grid, its stream tables attached (frame size from its saved architecture)."""
+    model = load(checkpoint)
+    model.set_lesion(None)  # intact, whatever lesion the checkpoint was saved with
+    model.set_grid(*store.mask())
+    model.attach(Stimuli.from_store(store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width))
+    return model.eval()
+
+
+def load_run(run: PathLike, store_path: Optional[PathLike] = None):
+    """(model, store, checkpoint) of a run folder or checkpoint file."""
+    checkpoint, store = open_run(run, store_path)
+    return load_model(checkpoint, store), store, checkpoint
+
+
+def roi_voxels(path: PathLike, store: Store) -> Tuple[np.ndarray, int]:
+    """(bool ``(n_voxels,)`` in mask order, voxels of the ROI outside the mask) for an ROI NIfTI on the store's grid.
+
+    Any non-zero, finite value is in the ROI. A different grid (shape or affine) or an ROI
+    with no voxel inside the mask is a ``DataError``: silently resampling an ROI drawn on
+    another grid would lesion voxels nobody chose.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    mask, affine = store.mask()
+    if not path.is_file():
+        raise DataError(path, "ROI file not found", expected="a 3-D NIfTI mask on the store's grid")
+    try:
+        image = nib.load(str(path))
+        values = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise DataError(path, f"could not read the ROI image ({type(error).__name__}: {error})",
+                        expected="a 3-D NIfTI mask") from None
+    if values.ndim == 4 and values.shape[3] == 1:
+        values = values[..., 0]
+    if values.shape != mask.shape:
+        raise DataError(path, f"ROI grid has shape {values.shape}", expected=f"the store's grid {mask.shape}",
+                        fix="resample the ROI to the store's mask (store/mask.nii.gz) by nearest neighbour")
+    if not np.allclose(image.affine, affine, atol=1e-3):
+        raise DataError(path, f"ROI affine {np.round(image.affine, 3).tolist()}",
+                        expected=f"the store's affine {np.round(affine, 3).tolist()}",
+                        fix="resample the ROI to the store's mask (store/mask.nii.gz) by nearest neighbour")
+    roi = (values != 0) & np.isfinite(values)
+    inside = roi[mask]
+    if not inside.any():
+        raise DataError(path, f"ROI has no voxel inside the store's mask ({int(roi.sum())} non-zero voxels, "
+                        f"all outside the {int(mask.sum())}-voxel mask)", expected="at least one ROI voxel inside the mask")
+    return inside, int(roi.sum() - inside.sum())
+
+
+def roi_units(model, voxels: np.ndarray, path: PathLike) -> torch.Tensor:
+    """Layer-7 units to silence for these mask voxels: the voxels themselves, or (parcel models) the parcels
+    with at least half of their voxels in the ROI, the rule of ``model.lesion_mask``."""
+    if model.parcel_of_voxel is None:
+        return model.lesion_mask(torch.from_numpy(voxels))
+    units = model.lesion_mask(str(path))  # the ROI is on the model's grid (checked), so it is read as is
+    if not units.any():
+        raise DataError(path, f"ROI covers {int(voxels.sum())} voxels but no parcel to at least half",
+                        expected="an ROI that covers at least half of one parcel")
+    return units
+
+
+# --------------------------------------------------------------------------- reconstructions and losses
+
+
+class SlotAverage:
+    """Reconstructions of overlapping windows merged onto one clock.
+
+    ``times`` are the moments to fill; a window starting at ``onset`` covers slot ``k``
+    over ``[onset + k * slot_s, onset + (k + 1) * slot_s)``. Each moment gets the mean
+    of the slots that cover it, over every window added.
+    """
+
+    def __init__(self, times: np.ndarray, slot_s: float, n_slots: int) -> None:
+        self.times, self.slot_s, self.n_slots = np.asarray(times, dtype=np.float64), slot_s, n_slots
+        self.sums: Optional[torch.Tensor] = None
+        self.counts = torch.zeros(len(self.times), dtype=torch.float64)
+
+    def add(self, onsets: torch.Tensor, values: torch.Tensor) -> None:
+        """``onsets (B,)`` seconds, ``values (B, n_slots, ...)``."""
+        values = values.detach().float().cpu()
+        if self.sums is None:
+            self.sums = torch.zeros((len(self.times),) + tuple(values.shape[2:]), dtype=torch.float64)
+        slot = np.floor((self.times[None, :] - onsets.cpu().numpy()[:, None]) / self.slot_s).astype(np.int64)
+        for b in range(slot.shape[0]):
+            covered = np.flatnonzero((slot[b] >= 0) & (slot[b] < self.n_slots))
+            self.sums[covered] += values[b, slot[b, covered]].double()
+            self.counts[covered] += 1
+
+    def mean(self) -> torch.Tensor:
+        shape = (-1,) + (1,) * (self.sums.dim() - 1)
+        return (self.sums / self.counts.clamp(min=1).view(shape)).float()
+
+
+class SlotVote:
+    """Code logits of overlapping windows merged onto one clock, without holding a probability per code.
+
+    Each window proposes, per moment and codebook, the most probable code of the slot that
+    covers it; a moment takes the proposal whose probabilities, summed over the windows
+    proposing it, are highest. ``max_windows`` bounds how many windows cover one moment.
+    """
+
+    def __init__(self, times: np.ndarray, slot_s: float, n_slots: int, max_windows: int) -> None:
+        self.times, self.slot_s, self.n_slots, self.max_windows = np.asarray(times, dtype=np.float64), slot_s, n_slots, max_windows
+        self.proposals: Optional[torch.Tensor] = None  # (T, max_windows, n_codebooks) codes, -1 = none
+        self.weights: Optional[torch.Tensor] = None
+        self.counts = torch.zeros(len(self.times), dtype=torch.int64)
+
+    def add(self, onsets: torch.Tensor, logits: torch.Tensor) -> None:
+        """``onsets (B,)`` seconds, ``logits (B, n_slots, n_codebooks, codebook_size)``."""
+        probability, code = logits.detach().float().softmax(dim=-1).max(dim=-1)
+        probability, code = probability.cpu(), code.cpu()
+        if self.proposals is None:
+            shape = (len(self.times), self.max_windows, code.shape[2])
+            self.proposals, self.weights = torch.full(shape, -1, dtype=torch.int64), torch.zeros(shape)
+        slot = np.floor((self.times[None, :] - onsets.cpu().numpy()[:, None]) / self.slot_s).astype(np.int64)
+        for b in range(slot.shape[0]):
+            covered = np.flatnonzero((slot[b] >= 0) & (slot[b] < self.n_slots))
+            if covered.size and int(self.counts[covered].max()) >= self.max_windows:
+                raise ValueError(f"more than {self.max_windows} windows cover one moment")
+            at = self.counts[covered]
+            self.proposals[covered, at] = code[b, slot[b, covered]]
+            self.weights[covered, at] = probability[b, slot[b, covered]]
+            self.counts[covered] += 1
+
+    def codes(self) -> torch.Tensor:
+        """``(n_codebooks, T)`` int64: the winning code per moment (0 where no window reaches)."""
+        same = self.proposals[:, :, None, :] == self.proposals[:, None, :, :]  # (T, M, M, n_codebooks)
+        score = (same * self.weights[:, None, :, :]).sum(dim=2)  # each proposal's summed probability
+        best = score.argmax(dim=1, keepdim=True)
+        return self.proposals.gather(1, best)[:, 0].clamp(min=0).T.contiguous()
+
+
+def _stream_times(start_s: float, rate: float, n_samples: int, first: float, last: float) -> np.ndarray:
+    """Centres of a stream's samples from time ``first`` to ``last``, clipped to the stream."""
+    low = max(0, int(math.floor((first - start_s) * rate)))
+    high = min(n_samples, int(math.ceil((last - start_s) * rate)))
+    return start_s + (np.arange(low, high) + 0.5) / rate
+
+
+@torch.no_grad()
+def _encode(model, dataset: WindowDataset):
+    """Per batch: (the batch, layer 7 intact, the targets without the fMRI)."""
+    device = model.l7_brain.weight.device
+    out = []
+    for start in range(0, len(dataset), BATCH_SIZE):
+        batch = dataset.batch(np.arange(start, min(len(dataset), start + BATCH_SIZE)))
+        batch = {k: v.to(device) for k, v in batch.items() if k != "fmri"}
+        out.append((batch, model.encode(batch), model.targets(batch)))
+    return out
+
+
+@torch.no_grad()
+def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.Tensor] = None,
+                    timelines: Optional[Dict[str, Union[SlotAverage, SlotVote]]] = None, texts: Optional[List[torch.Tensor]] = None) -> Dict[str, float]:
+    """Each reported modality's GibletLoss term over all encoded windows, with ``silenced`` units at 0.
+
+    Zeroing the encoded layer 7 equals encoding under ``model.lesion(silenced)``: a lesioned
+    bottleneck unit outputs exactly 0, and layer 7 feeds only the decoder. The terms are
+    means over samples, so batches are combined weighted by their size.
+    """
+    keep = None if silenced is None else (~silenced).to(encoded[0][1].dtype)
+    sums: Dict[str, float] = {}
+    total = 0
+    for batch, brain, targets in encoded:
+        recon = model.decode(brain if keep is None else brain * keep)
+        _, parts = loss({"brain": brain, "reconstructions": recon, "targets": targets})
+        n = brain.shape[0]
+        total += n
+        for modality in model.modalities:
+            name = REPORTED[modality]
+            sums[name] = sums.get(name, 0.0) + float(parts[LOSS_TERMS[modality]]) * n
+        if timelines:
+            onsets = batch["window_onset"]
+            for modality, timeline in timelines.items():
+                timeline.add(onsets, recon[modality])
+        if texts is not None and "text" in recon:
+            texts.append(recon["text"].float().cpu())
+    return {name: value / total for name, value in sums.items()}
+
+
+def _timelines(model, store: Store, encoded) -> Dict[str, Union[SlotAverage, SlotVote]]:
+    """Empty merges for what is written: a frame per TR, the audio stream's own clock, the text per window."""
+    dims, manifest = model.dims, store.manifest
+    onsets = torch.cat([batch["window_onset"] for batch, _, _ in encoded]).cpu().numpy()
+    lookback = manifest["window"]["lookback_s"]
+    first, last = float(onsets.min()), float(onsets.max()) + dims.window_s
+    out: Dict[str, SlotAverage] = {}
+    if "video" in model.modalities:
+        middles = onsets + lookback + store.tr_s / 2  # each window's own TR is its last TR
+        out["video"] = SlotAverage(middles, dims.window_s / dims.video_slots, dims.video_slots)
+    if "mel" in model.modalities:
+        m = manifest["audio"]["mel"]
+        times = _stream_times(m["start_s"], m["rate_hz"], m["shape"][0], first, last)
+        out["mel"] = SlotAverage(times, dims.window_s / dims.mel_slots, dims.mel_slots)
+    if "codes" in model.modalities:
+        c = manifest["audio"]["codes"]
+        times = _stream_times(c["start_s"], c["rate_hz"], c["shape"][1], first, last)
+        out["codes"] = SlotVote(times, dims.window_s / dims.code_slots, dims.code_slots, int(math.ceil(dims.window_s / store.tr_s)) + 1)
+    return out
+
+
+# --------------------------------------------------------------------------- the lesion report
+
+
+def random_changes(model, loss: GibletLoss, encoded, intact: Dict[str, float], n_silenced: int, permutations: int,
+                   seed: int = 0, progress: Optional[bool] = None) -> Dict[str, List[float]]:
+    """Each modality's relative change when ``n_silenced`` units drawn at random (seeded) are silenced, per draw."""
+    rng = np.random.default_rng(seed)
+    device = model.l7_brain.keep.device
+    changes: Dict[str, List[float]] = {name: [] for name in intact}
+    with bar(f"random ROIs of {n_silenced} units", total=permutations, show=progress) as progress_bar:
+        for _ in range(permutations):
+            units = torch.zeros(model.n_units, dtype=torch.bool)
+            units[torch.from_numpy(rng.choice(model.n_units, size=n_silenced, replace=False))] = True
+            changed = modality_losses(model, loss, encoded, units.to(device))
+            for name in changes:
+                changes[name].append(relative_change(intact[name], changed[name]))
+            progress_bar.advance(1)
+    return changes
+
+
+def relative_change(intact: float, lesioned: float) -> float:
+    return (lesioned - intact) / intact if intact != 0 else math.inf if lesioned > intact else 0.0
+
+
+def p_value(observed: float, null: List[float]) -> float:
+    """``(1 + #{null >= observed}) / (1 + N)``: never 0, at least ``1 / (1 + N)``."""
+    return (1 + sum(value >= observed for value in null)) / (1 + len(null))
+
+
+def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_path: Optional[PathLike] = None,
+           permutations: int = 39, split: str = "test", seed: int = 0, progress: Optional[bool] = None) -> Dict[str, object]:
+    """Silence the ROI's units of a trained run; writes ``out`` (default ``RUN/lesion/<roi name>``) and returns lesion.json's dict."""
+    run, roi = Path(run), Path(roi)
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0, got {permutations}")
+    checkpoint, store = open_run(run, store_path)
+    if split not in store.splits:
+        raise DataError(store.path, f"no split {split!r}", expected=f"one of {', '.join(store.splits)}")
+    # A wrong ROI or output folder fails at once, before the model is loaded.
+    voxels, outside = roi_voxels(roi, store)
+    out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / roi_name(roi)
+    if out.exists():
+        _check_replaceable(out)
+    model = load_model(checkpoint, store)
+    units = roi_units(model, voxels, roi)
+
+    dataset = WindowDataset(store, split, "cross_subject", window_index(store))
+    loss = GibletLoss(scales=LossScales.from_store(store, model))
+    encoded = _encode(model, dataset)
+    intact_lines, lesioned_lines = _timelines(model, store, encoded), _timelines(model, store, encoded)
+    intact_texts: List[torch.Tensor] = []
+    lesioned_texts: List[torch.Tensor] = []
+    intact = modality_losses(model, loss, encoded, None, intact_lines, intact_texts)
+    lesioned = modality_losses(model, loss, encoded, units, lesioned_lines, lesioned_texts)
+    observed = {name: relative_change(intact[name], lesioned[name]) for name in intact}
+
+    n_silenced = int(units.sum())
+    null = random_changes(model, loss, encoded, intact, n_silenced, permutations, seed, progress)
+
+    audio_feature = next((m for m in model.modalities if m in ("mel", "codes")), None)
+    report: Dict[str, object] = {
+        "roi_voxels": int(voxels.sum()),
+        "modalities": {
+            name: {
+                "loss_intact": intact[name],
+                "loss_lesioned": lesioned[name],
+                "relative_change": observed[name],
+                "p_value": p_value(observed[name], null[name]) if permutations else None,
+            }
+            for name in intact
+        },
+        "roi": str(roi),
+        "roi_voxels_outside_mask": outside,
+        "lesioned_units": n_silenced,
+        "n_units": model.n_units,
+        "audio_feature": audio_feature,
+        "split": split,
+        "windows": len(dataset),
+        "trs": [int(t) for t in store.splits[split]],
+        "permutations": permutations,
+        "seed": seed,
+        "null_relative_change": null,
+        "checkpoint": str(checkpoint),
+        "out": str(out),
+    }
+    _write_outputs(out, report, model, store, loss.scales, encoded, (intact_lines, lesioned_lines), (intact_texts, lesioned_texts))
+    return report
+
+
+def roi_name(path: PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.is_dir() or (not (out / "lesion.json").is_file() and any(out.iterdir())):
+        raise DataError(out, "exists and is not a lesion report", expected="a new folder, or a lesion report to replace",
+                        fix="choose another --out")
+
+
+def _write_outputs(out: Path, report, model, store: Store, scales: LossScales, encoded, lines, texts) -> None:
+    """Everything into a hidden folder beside ``out``, renamed at the end: a crash leaves no half-written report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.lesion-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # with the user's umask, as the finished folder should have
+    intact_lines, lesioned_lines = lines
+    try:
+        files: Dict[str, object] = {}
+        if "video" in intact_lines:
+            files["video"] = _write_frames(tmp / "frames.mp4", encoded, intact_lines["video"], lesioned_lines["video"], model.dims)
+        audio = report["audio_feature"]
+        if audio == "mel":
+            files["audio"] = _write_mel_audio(tmp, store, scales, intact_lines["mel"], lesioned_lines["mel"])
+        elif audio == "codes":
+            files["audio"] = _write_code_audio(tmp, store, intact_lines["codes"], lesioned_lines["codes"])
+        if "text" in model.modalities:
+            files["text"] = _write_texts(tmp, store, encoded, texts)
+        report["files"] = files
+        (tmp / "lesion.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            _check_replaceable(out)
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_frames(path: Path, encoded, intact: SlotAverage, lesioned: SlotAverage, dims) -> Dict[str, object]:
+    """One frame per window's own TR: original | intact | lesioned, enlarged, H.264 at VIDEO_FPS."""
+    import av
+
+    original = SlotAverage(intact.times, intact.slot_s, intact.n_slots)
+    for batch, _brain, targets in encoded:
+        original.add(batch["window_onset"], targets["video"] * targets["video_valid"][..., None, None, None])
+    panels = [original.mean(), intact.mean(), lesioned.mean()]  # (T, 3, h, w) each, in [0, 1]
+    gap = 4
+    frames = []
+    for t in range(panels[0].shape[0]):
+        row = []
+        for i, panel in enumerate(panels):
+            image = panel[t].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            row.append(image.repeat(VIDEO_SCALE, axis=0).repeat(VIDEO_SCALE, axis=1))
+            if i < len(panels) - 1:
+                row.append(np.full((row[-1].shape[0], gap, 3), 255, dtype=np.uint8))
+        frames.append(np.ascontiguousarray(np.concatenate(row, axis=1)))
+    height, width = frames[0].shape[:2]
+    container = av.open(str(path), "w", format="mp4")
+    try:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = width + width % 2, height + height % 2, "yuv420p"
+        stream.options = {"crf": "18"}
+        for index, image in enumerate(frames):
+            if width % 2 or height % 2:
+                image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, VIDEO_FPS)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    finally:
+        container.close()
+    return {"file": path.name, "frames": len(frames), "fps": VIDEO_FPS, "panels": ["original", "intact", "lesioned"],
+            "frame_of": "the middle of each window's own TR"}
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """Mono 16-bit PCM, peak-normalised to 0.9 (Griffin-Lim and a random EnCodec decoder give arbitrary levels)."""
+    samples = np.asarray(samples, dtype=np.float64).reshape(-1)
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if peak > 0:
+        samples = samples * (0.9 / peak)
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(int(rate))
+        writer.writeframes(np.round(samples * 32767).astype("<i2").tobytes())
+
+
+def mel_to_magnitude(power_mel: np.ndarray, rate: int, n_fft: int) -> np.ndarray:
+    """Mel power ``(n_mels, T)`` -> STFT magnitude ``(n_fft // 2 + 1, T)``.
+
+    Each band's power is spread evenly over the frequencies it covers (its power per
+    unit of filter weight), and a frequency takes the filter-weighted mean of its
+    bands: non-negative and fast, where an exact non-negative least-squares inversion
+    takes minutes for a minute of audio.
+    """
+    import librosa
+
+    filters = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=power_mel.shape[0]).astype(np.float64)  # as the store made them
+    density = power_mel / np.maximum(filters.sum(axis=1), 1e-12)[:, None]
+    power = filters.T @ density / np.maximum(filters.sum(axis=0), 1e-12)[:, None]
+    return np.sqrt(np.maximum(power, 0.0))
+
+
+def griffin_lim(magnitude: np.ndarray, n_fft: int, hop: int, win_length: int, iterations: int = GRIFFIN_LIM_ITERATIONS,
+                momentum: float = 0.99, seed: int = 0) -> np.ndarray:
+    """Samples whose STFT magnitude approximates ``magnitude (n_fft // 2 + 1, T)`` (fast Griffin-Lim, seeded phases)."""
+    target = torch.from_numpy(np.ascontiguousarray(magnitude, dtype=np.float32))
+    window = torch.hann_window(win_length)
+    length = hop * (target.shape[1] - 1)
+    generator = torch.Generator().manual_seed(seed)
+    angles = torch.polar(torch.ones_like(target), 2 * math.pi * torch.rand(target.shape, generator=generator))
+    previous = torch.zeros_like(angles)
+    for _ in range(iterations):
+        samples = torch.istft(target * angles, n_fft, hop, win_length, window, length=length)
+        rebuilt = torch.stft(samples, n_fft, hop, win_length, window, return_complex=True)
+        angles = rebuilt - previous * (momentum / (1 + momentum))
+        angles = angles / angles.abs().clamp(min=1e-16)
+        previous = rebuilt
+    return torch.istft(target * angles, n_fft, hop, win_length, window, length=length).numpy()
+
+
+def mel_to_sound(decibels: np.ndarray, rate: int, hop: int, iterations: int = GRIFFIN_LIM_ITERATIONS) -> Tuple[np.ndarray, int]:
+    """(samples, sample rate) for log-mel frames ``(T, n_mels)`` made as ``giblet.data.audio.mel_spectrogram`` makes them.
+
+    Those frames do not overlap (each is a Hann window of ``hop`` samples), and Griffin-Lim
+    needs overlapping frames to find phases, so the magnitudes are interpolated onto a hop
+    of half the window. Audio at 32 kHz or more is rebuilt at half its rate (the same
+    frequency bins up to a quarter of the original rate, a quarter of the work).
+    """
+    n_fft = 1 << (2 * hop - 1).bit_length()
+    magnitude = mel_to_magnitude(10.0 ** (np.asarray(decibels, dtype=np.float64).T / 10.0), rate, n_fft)
+    factor = 2 if rate >= 32000 and rate % 2 == 0 and hop % 2 == 0 else 1
+    n_fft, window, rate = n_fft // factor, hop // factor, rate // factor
+    magnitude = torch.from_numpy(magnitude[: n_fft // 2 + 1]).float()
+    synthesis_hop = max(1, window // 2)
+    frames = int(math.ceil(magnitude.shape[1] * window / synthesis_hop))
+    magnitude = F.interpolate(magnitude[None], size=frames, mode="linear", align_corners=False)[0].numpy()
+    return griffin_lim(magnitude, n_fft, synthesis_hop, window, iterations), rate
+
+
+def _write_mel_audio(folder: Path, store: Store, scales: LossScales, intact: SlotAverage, lesioned: SlotAverage) -> Dict[str, object]:
+    """Decoded log-mel (standardized per band) back to decibels, then Griffin-Lim with the store's mel settings."""
+    from giblet.data.audio import mel_hop
+
+    manifest = store.manifest["audio"]
+    m = manifest["mel"]
+    hop = mel_hop(int(manifest["sample_rate"]), store.manifest["settings"]["audio"]["mel_rate_hz"])
+    mean, std = np.asarray(scales.mel_mean, dtype=np.float32), np.asarray(scales.mel_std, dtype=np.float32)
+    first = int(round((intact.times[0] - m["start_s"]) * m["rate_hz"] - 0.5))
+    original = np.asarray(store.mel()[first : first + len(intact.times)], dtype=np.float32)
+    low, high = float(original.min()), float(original.max())
+    decibels = {"intact": intact.mean().numpy() * std + mean, "lesioned": lesioned.mean().numpy() * std + mean, "original": original}
+    files = {}
+    for name, values in decibels.items():
+        # Decoded values outside the range of the heard mel are noise: clipped to it.
+        samples, rate = mel_to_sound(np.clip(values, low, high), int(manifest["sample_rate"]), hop)
+        files[name] = f"audio_{name}.wav"
+        _write_wav(folder / files[name], samples, rate)
+    return {"files": files, "method": f"Griffin-Lim ({GRIFFIN_LIM_ITERATIONS} iterations) of the decoded mel", "sample_rate": rate,
+            "start_s": float(intact.times[0] - 0.5 / m["rate_hz"])}
+
+
+def _write_code_audio(folder: Path, store: Store, intact: SlotVote, lesioned: SlotVote) -> Dict[str, object]:
+    """The voted code per codebook and code frame, through the EnCodec model the store's codes came from.
+
+    That model is loaded as the store loaded it (``audio.encodec_model``); when it cannot be
+    (pretrained weights and no internet), the wav files are left out and the reason recorded.
+    """
+    from giblet.data.audio import load_encodec
+
+    c = store.manifest["audio"]["codes"]
+    try:
+        codec = load_encodec(c["model"], c["bandwidth_kbps"])
+    except DataError as error:
+        return {"files": {}, "skipped": f"EnCodec model {c['model']!r} unavailable: {error}"}
+    files = {}
+    for name, timeline in (("intact", intact), ("lesioned", lesioned)):
+        codes = timeline.codes()  # (n_codebooks, n_code_frames)
+        with torch.no_grad():
+            samples = codec.decode([(codes[None].long(), None)])[0].mean(dim=0).numpy()
+        files[name] = f"audio_{name}.wav"
+        _write_wav(folder / files[name], samples, codec.sample_rate)
+    return {"files": files, "method": f"EnCodec decoder ({c['model']}, {c['bandwidth_kbps']} kbps)",
+            "sample_rate": int(codec.sample_rate), "start_s": float(intact.times[0] - 0.5 / c["rate_hz"])}
+
+
+def _write_texts(folder: Path, store: Store, encoded, texts) -> Dict[str, object]:
+    """Per window and filled text slot: the annotation nearest (cosine) to the decoded embedding, intact and lesioned."""
+    annotations = store.texts()
+    table = F.normalize(torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32)), dim=1)
+    nearest = {}
+    for name, decoded in zip(("intact", "lesioned"), texts):
+        similarity = F.normalize(torch.cat(decoded), dim=-1) @ table.T  # (windows, slots, segments)
+        nearest[name] = similarity.max(dim=-1)
+    trs = torch.cat([batch["tr"] for batch, _, _ in encoded]).cpu()
+    onsets = torch.cat([batch["window_onset"] for batch, _, _ in encoded]).cpu()
+    index = torch.cat([batch["text_index"] for batch, _, _ in encoded]).cpu()
+    windows, hits, lines = [], {"intact": 0, "lesioned": 0}, []
+    for w in range(index.shape[0]):
+        slots = []
+        for s in np.flatnonzero(index[w].numpy() >= 0):
+            truth = int(index[w, s])
+            entry = {"slot": int(s), "segment": truth, "text": annotations[truth]}
+            for name, (values, rows) in nearest.items():
+                row = int(rows[w, s])
+                entry[name] = {"segment": row, "text": annotations[row], "cosine": round(float(values[w, s]), 4)}
+                hits[name] += row == truth
+            slots.append(entry)
+        windows.append({"tr": int(trs[w]), "window_s": [float(onsets[w]), float(onsets[w]) + store.manifest["window"]["window_s"]],
+                        "slots": slots})
+        lines.append(f"TR {int(trs[w])}")
+        for entry in slots:
+            lines.append(f"  annotation: {entry['text']}")
+            lines.append(f"    intact:   {entry['intact']['text']}  (cosine {entry['intact']['cosine']:.3f})")
+            lines.append(f"    lesioned: {entry['lesioned']['text']}  (cosine {entry['lesioned']['cosine']:.3f})")
+    filled = sum(len(w["slots"]) for w in windows)
+    summary = {"slots": filled, **{f"nearest_is_true_{name}": (hits[name] / filled if filled else None) for name in hits}}
+    (folder / "nearest_text.json").write_text(json.dumps({**summary, "windows": windows}, indent=2))
+    (folder / "nearest_text.txt").write_text("\n".join(lines) + "\n")
+    return {"files": {"json": "nearest_text.json", "text": "nearest_text.txt"}, **summary}
