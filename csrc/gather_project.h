@@ -16,9 +16,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 
@@ -53,6 +55,20 @@ inline GatherPlan plan_gather(const at::Tensor& index, int64_t n_rows) {
   return plan;
 }
 
+// Runs body(first, last) over the column blocks [0, n_blocks). With `parallel`
+// (the CPU), the blocks are shared out in ONE parallel region, each thread
+// gathering into its own buffer and running its GEMMs single-threaded: one
+// fork-join per call instead of two per block (a gather, then a threaded GEMM),
+// which with ~60 blocks per call stalled whenever another process held a core.
+template <typename Body>
+inline void for_column_blocks(int64_t n_blocks, bool parallel, const Body& body) {
+  if (parallel && n_blocks > 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, n_blocks, 1, body);
+  } else {
+    body(0, n_blocks);
+  }
+}
+
 // Columns per block so that the (U, cols) buffer stays near `budget_elems`.
 inline int64_t block_columns(int64_t n_unique, int64_t D, int64_t budget_elems) {
   int64_t cols = budget_elems / std::max<int64_t>(n_unique, 1);
@@ -63,7 +79,7 @@ inline int64_t block_columns(int64_t n_unique, int64_t D, int64_t budget_elems) 
 inline at::Tensor gather_project_forward_impl(const at::Tensor& table, const at::Tensor& index,
                                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                               double scale, double shift, GatherRowsFn gather_rows,
-                                              int64_t budget_elems) {
+                                              int64_t budget_elems, bool parallel_blocks = false) {
   check_gather_project(table, index, weight, bias);
   const int64_t B = index.size(0), S = index.size(1), P = weight.size(0), D = table.size(1);
   const auto ct = compute_dtype(weight.scalar_type());
@@ -75,12 +91,23 @@ inline at::Tensor gather_project_forward_impl(const at::Tensor& table, const at:
   if (U > 0) {
     auto projected = acc.narrow(0, 0, U);
     const int64_t cols = block_columns(U, D, budget_elems);
-    auto buffer = at::empty({U, cols}, weight.options().dtype(ct));
-    for (int64_t col0 = 0; col0 < D; col0 += cols) {
-      const int64_t n = std::min(cols, D - col0);
-      auto block = buffer.view({-1}).narrow(0, 0, U * n).view({U, n});
-      gather_rows(table, plan.rows, col0, n, scale, shift, block);
-      projected.addmm_(block, weight.narrow(1, col0, n).to(ct).t());
+    const int64_t n_blocks = (D + cols - 1) / cols;
+    // The chunk of blocks that starts at 0 sums into `projected`; every other chunk into its own
+    // partial sum, added after the parallel region (no two threads write the same memory).
+    std::vector<at::Tensor> partials(n_blocks);
+    for_column_blocks(n_blocks, parallel_blocks, [&](int64_t first, int64_t last) {
+      auto buffer = at::empty({U, cols}, weight.options().dtype(ct));
+      auto sum = first == 0 ? projected : at::zeros({U, P}, weight.options().dtype(ct));
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t col0 = b * cols, n = std::min(cols, D - col0);
+        auto block = buffer.view({-1}).narrow(0, 0, U * n).view({U, n});
+        gather_rows(table, plan.rows, col0, n, scale, shift, block);
+        sum.addmm_(block, weight.narrow(1, col0, n).to(ct).t());
+      }
+      if (first != 0) partials[first] = sum;
+    });
+    for (const auto& partial : partials) {
+      if (partial.defined()) projected.add_(partial);
     }
     if (bias.has_value() && bias->defined()) projected.add_(bias->to(ct));
   }
@@ -91,7 +118,8 @@ inline at::Tensor gather_project_forward_impl(const at::Tensor& table, const at:
 // table_requires_grad.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
-    double scale, double shift, bool table_requires_grad, GatherRowsFn gather_rows, int64_t budget_elems) {
+    double scale, double shift, bool table_requires_grad, GatherRowsFn gather_rows, int64_t budget_elems,
+    bool parallel_blocks = false) {
   check_gather_project(table, index, weight, c10::nullopt);
   const int64_t P = weight.size(0), D = table.size(1);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == index.size(0) && grad_out.size(1) == index.size(1) &&
@@ -116,20 +144,24 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_im
   auto grad_table = table_requires_grad ? at::zeros(table.sizes(), table.options()) : at::empty({0}, table.options());
   if (U > 0) {
     const int64_t cols = block_columns(U, D, budget_elems);
-    auto buffer = at::empty({U, cols}, weight.options().dtype(ct));
+    const int64_t n_blocks = (D + cols - 1) / cols;
     auto row_grad_t = row_grad.t();
-    for (int64_t col0 = 0; col0 < D; col0 += cols) {
-      const int64_t n = std::min(cols, D - col0);
-      auto block = buffer.view({-1}).narrow(0, 0, U * n).view({U, n});
-      gather_rows(table, plan.rows, col0, n, scale, shift, block);
-      // Straight into the column block: a GEMM output with row stride D.
-      auto grad_block = grad_weight.narrow(1, col0, n);
-      at::mm_out(grad_block, row_grad_t, block);
-      if (table_requires_grad) {
-        auto grad_rows = at::mm(row_grad, weight.narrow(1, col0, n).to(ct)).mul_(scale);
-        grad_table.narrow(1, col0, n).index_copy_(0, plan.rows, grad_rows.to(table.scalar_type()));
+    // Each block writes only its own columns of grad_weight and grad_table.
+    for_column_blocks(n_blocks, parallel_blocks, [&](int64_t first, int64_t last) {
+      auto buffer = at::empty({U, cols}, weight.options().dtype(ct));
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t col0 = b * cols, n = std::min(cols, D - col0);
+        auto block = buffer.view({-1}).narrow(0, 0, U * n).view({U, n});
+        gather_rows(table, plan.rows, col0, n, scale, shift, block);
+        // Straight into the column block: a GEMM output with row stride D.
+        auto grad_block = grad_weight.narrow(1, col0, n);
+        at::mm_out(grad_block, row_grad_t, block);
+        if (table_requires_grad) {
+          auto grad_rows = at::mm(row_grad, weight.narrow(1, col0, n).to(ct)).mul_(scale);
+          grad_table.narrow(1, col0, n).index_copy_(0, plan.rows, grad_rows.to(table.scalar_type()));
+        }
       }
-    }
+    });
   }
   return {grad_table, grad_weight.to(weight.scalar_type()), grad_bias};
 }

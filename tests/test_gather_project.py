@@ -122,6 +122,26 @@ def test_many_column_blocks(device):
     torch.testing.assert_close(grads[0], ref_grads[0], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_column_blocks_shared_between_threads_match_the_reference(threads):
+    # On the CPU the column blocks are shared out between threads in one parallel region, each
+    # thread summing its own partial projection; every thread count gives the reference's result,
+    # including the table's gradient (each block writes its own columns).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        table = make_table(600, 4000, torch.float32, "cpu")
+        index = make_index(40, 24, 600, "cpu")
+        weight = torch.randn(12, 4000) * 0.01
+        bias = torch.randn(12)
+        (out, grads), (ref_out, ref_grads) = run_both(table, index, weight, bias, 0.5, -0.25, grad_table=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-4)
+
+
 def test_gradcheck_float64(device):
     table = torch.randn(9, 7, dtype=torch.float64, device=device, requires_grad=True)
     weight = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
