@@ -214,7 +214,11 @@ def time_medians(runs: List[Run], device: torch.device, repeats: int) -> List[fl
     take turns in PASSES blocks (A B C, A B C), so a slow spell of the
     machine does not fall on one variant only.
     """
-    per_pass = timed_calls(repeats) // PASSES
+    return [statistics.median(spent) for spent in time_calls(runs, timed_calls(repeats) // PASSES, device)]
+
+
+def time_calls(runs: List[Callable[[], object]], per_pass: int, device: torch.device) -> List[List[float]]:
+    """Seconds of each timed call per run: PASSES blocks of one warm-up call then ``per_pass`` timed calls, runs taking turns."""
     times: List[List[float]] = [[] for _ in runs]
     for _ in range(PASSES):
         for run, spent in zip(runs, times):
@@ -225,7 +229,7 @@ def time_medians(runs: List[Run], device: torch.device, repeats: int) -> List[fl
                 run()
                 _sync(device)
                 spent.append(time.perf_counter() - start)
-    return [statistics.median(spent) for spent in times]
+    return times
 
 
 def _bytes(tensors: List[torch.Tensor]) -> int:

@@ -35,7 +35,6 @@ import copy
 import math
 import os
 import statistics
-import time
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
@@ -338,8 +337,6 @@ def step_runner(trainee: Trainee, variant: str) -> Callable[[], float]:
 # --------------------------------------------------------------------------- timing
 
 
-PASSES = 2
-
 
 @dataclass
 class TrainRow:
@@ -370,24 +367,10 @@ class TrainBench:
 
 
 def time_steps(runs: List[Callable[[], float]], steps: int, device: torch.device) -> List[List[float]]:
-    """Seconds of each of ``steps`` timed calls per run: variants take turns in PASSES blocks, one warm-up call each."""
-    per_pass = -(-steps // PASSES)
-    spent: List[List[float]] = [[] for _ in runs]
-    for _ in range(PASSES):
-        for run, times in zip(runs, spent):
-            run()
-            _sync(device)
-            for _ in range(per_pass):
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                times.append(time.perf_counter() - start)
-    return spent
+    """Seconds of each of ``steps`` timed calls per run (rounded up to whole passes), timed as ``giblet bench`` times ops."""
+    from giblet.bench import PASSES, time_calls
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return time_calls(runs, -(-steps // PASSES), device)
 
 
 def run_train_bench(
