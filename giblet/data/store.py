@@ -577,6 +577,12 @@ def _install(tmp: Path, out: Path) -> None:
     if out.exists():
         if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise DataError(out, "exists and is not a giblet store", expected="a new folder, or a store to replace")
+    replace_folder(tmp, out)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an older ``out`` is moved aside first and removed after."""
+    if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from giblet.data.dataset import WindowDataset, window_index
-from giblet.data.store import Store, open_store
+from giblet.data.store import Store, open_store, replace_folder
 from giblet.errors import DataError
 from giblet.models import Stimuli
 from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
@@ -405,12 +405,7 @@ def _write_outputs(out: Path, report, model, store: Store, scales: LossScales, e
         (tmp / "lesion.json").write_text(json.dumps(report, indent=2))
         if out.exists():
             _check_replaceable(out)
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
