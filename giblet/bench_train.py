@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import statistics
@@ -44,7 +45,7 @@ import torch
 
 from giblet import ops_reference
 from giblet.config import Config, load_config
-from giblet.data.dataset import text_slots_for
+from giblet.data.dataset import text_index_for
 from giblet.data.synth import PRESETS
 from giblet.models import GibletAutoencoder, ModelDims, Stimuli
 from giblet.models import autoencoder as autoencoder_module
@@ -171,7 +172,8 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     keep = starts < movie_s
     starts, ends = starts[keep], np.minimum(starts[keep] + lengths[keep], movie_s)
     text = torch.nn.functional.normalize(torch.randn(starts.size, EMBEDDING_SIZE, generator=generator), dim=1)
-    text_index = torch.from_numpy(text_slots_for(starts, ends, onsets.numpy(), window, config.window.text_slots))
+    text_index = torch.from_numpy(text_index_for(np.stack([starts, ends], axis=1), onsets.numpy(), window,
+                                                 dataclasses.asdict(config.window)))
 
     codes = mel = None
     audio_dims: Dict[str, object] = {}

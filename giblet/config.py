@@ -79,6 +79,9 @@ class WindowConfig:
     code_slots: int = 112  # EnCodec code frames sampled from each window
     mel_slots: int = 48  # mel averages over equal parts of each window
     text_slots: int = 3  # annotation segments per window (the latest ones overlapping it)
+    # latest: the text_slots latest segments overlapping the window, in order (their times are not kept);
+    # grid: slot s holds the segment shown at the slot's middle time, like frames (-1 where none is)
+    text_timing: str = "latest"
 
 
 @dataclass
@@ -102,6 +105,7 @@ class ModelConfig:
     mel_features: int = 64  # L1 audio: shared projection of each mel slot
     segment_features: int = 256  # L1 text: shared per-segment projection (gather_project) width
     modality_width: int = 512  # L2: each modality's vector after temporal concatenation
+    temporal_kernels: int = 0  # L2: 0 = a weight per (slot, feature); k = k temporal kernels shared by the features
     hidden: List[int] = field(default_factory=lambda: [1024, 1024, 1024])  # L4-L6 widths; L8-L10 mirror them
     dropout: float = 0.1
     modality_dropout: float = 0.2  # chance of silencing a whole input modality of a training sample
@@ -175,6 +179,7 @@ CHOICES = {
     ("fmri", "dtype"): ("float16", "float32"),
     ("dataset", "mode"): ("cross_subject", "per_subject"),
     ("model", "audio_input"): ("auto", "codes", "mel"),
+    ("window", "text_timing"): ("latest", "grid"),
 }
 LIST_CHOICES = {("audio", "features"): ("mel", "codes")}
 
@@ -279,6 +284,8 @@ def _check_values(config: Config, source: str) -> None:
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
+    if m.temporal_kernels < 0:
+        raise ConfigError(f"{source}: model.temporal_kernels is {m.temporal_kernels}; expected 0 (off) or a number of kernels")
     if not 0 <= m.decoder_gradient_to_brain <= 1:
         raise ConfigError(f"{source}: model.decoder_gradient_to_brain is {m.decoder_gradient_to_brain}; expected a share in [0, 1]")
     for key in ("dropout", "modality_dropout"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from giblet import ops
-from giblet.data.dataset import ShardSampler, WindowDataset, check_split_isolation, text_slots_for, window_index
+from giblet.data.dataset import (ShardSampler, WindowDataset, check_split_isolation, text_grid_for, text_slots_for,
+                                 window_index)
 
 
 def test_a_sample_names_its_window_in_each_stream(tiny_store):
@@ -82,6 +83,25 @@ def test_text_slots_take_the_latest_overlapping_segments_in_order():
     assert slots[0].tolist() == [0, 1, 2]
     assert slots[1].tolist() == [-1, 2, 3]
     assert slots[2].tolist() == [-1, -1, -1]
+
+
+def test_text_grid_holds_the_segment_shown_at_each_slot_time():
+    starts = np.array([0.0, 2.0, 3.0, 9.0, 20.0])
+    ends = np.array([5.0, 2.5, 12.0, 10.0, 21.0])
+    # Window [0, 4) in 4 slots: times 0.5, 1.5, 2.5, 3.5. Window [8, 12): 8.5 (2), 9.5 (3 started last), 10.5, 11.5.
+    grid = text_grid_for(starts, ends, np.array([0.0, 8.0, 13.0]), 4.0, 4)
+    assert grid.tolist() == [[0, 0, 0, 2], [2, 3, 2, 2], [-1, -1, -1, -1]]
+    # Against a direct search over every segment, on random overlapping and gapped segments.
+    rng = np.random.default_rng(0)
+    starts = np.sort(rng.uniform(0, 100, 60))
+    ends = starts + rng.uniform(0.2, 6.0, 60)
+    onsets = rng.uniform(-10, 105, 40)
+    grid = text_grid_for(starts, ends, onsets, 9.5, 12)
+    times = onsets[:, None] + (np.arange(12) + 0.5) * 9.5 / 12
+    covering = (starts[None, None, :] <= times[..., None]) & (ends[None, None, :] > times[..., None])
+    expected = np.where(covering.any(axis=2), 59 - np.argmax(covering[..., ::-1], axis=2), -1)
+    assert np.array_equal(grid, expected)
+    assert (grid >= 0).any() and (grid < 0).any()
 
 
 def test_shard_sampler_splits_the_epoch_between_ranks():

@@ -307,3 +307,32 @@ def test_reconstruction_gradient_reaches_the_brain_only_as_configured(tiny_store
         brain_grad = model.l7_brain.weight.grad
         assert (brain_grad is not None and brain_grad.abs().sum() > 0) == reaches, share
         assert model.l13_video.linear.weight.grad.abs().sum() > 0, "the decoder always learns"
+
+
+def test_shared_temporal_kernels_are_a_factored_slot_by_feature_weight():
+    from giblet.models.autoencoder import TemporalConcat
+
+    torch.manual_seed(0)
+    slots, features, width, kernels = 12, 5, 7, 3
+    shared = TemporalConcat(slots, features, width, kernels)
+    dense = TemporalConcat(slots, features, width)
+    # The dense layer whose (slot, feature) weight is sum_k kernel[slot, k] * linear[:, k, feature] is the same map.
+    factored = torch.einsum("sk,wkf->wsf", shared.kernels, shared.linear.weight.view(width, kernels, features))
+    with torch.no_grad():
+        dense.linear.weight.copy_(factored.reshape(width, slots * features))
+        dense.linear.bias.copy_(shared.linear.bias)
+    x = torch.randn(4, slots, features)
+    torch.testing.assert_close(shared(x), dense(x), rtol=1e-5, atol=1e-5)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(shared) == slots * kernels + kernels * features * width + width + 2 * width
+    assert count(shared) < count(dense)
+
+
+def test_a_model_with_shared_temporal_kernels_trains_on_the_store(tiny_store):
+    config = ModelConfig(**{**SMALL.__dict__, "temporal_kernels": 2})
+    model = build(tiny_store, config=config)
+    assert model.l2_video.kernels.shape == (model.dims.video_slots, 2)
+    batch = a_batch(tiny_store)
+    total, _ = GibletLoss()(model(batch))
+    total.backward()
+    assert model.l2_video.kernels.grad.abs().sum() > 0 and model.l2_text.kernels.grad.abs().sum() > 0

@@ -65,6 +65,37 @@ def text_slots_for(starts: np.ndarray, ends: np.ndarray, onsets: np.ndarray, win
     return out
 
 
+def text_grid_for(starts: np.ndarray, ends: np.ndarray, onsets: np.ndarray, window_s: float, slots: int) -> np.ndarray:
+    """Per window, slot ``s`` holds the segment on screen at ``w + (s + 0.5) * window / slots``: the one that
+    started last among those covering that time, -1 where none does. ``starts`` must be sorted."""
+    times = onsets[:, None] + (np.arange(slots) + 0.5) * (window_s / slots)
+    out = np.full(times.shape, -1, dtype=np.int64)
+    if starts.size == 0:
+        return out
+    longest = float(np.max(ends - starts))
+    # The latest segment starting at or before t, then earlier ones while one could still cover t.
+    latest = np.searchsorted(starts, times, side="right") - 1
+    pending = np.ones(times.shape, dtype=bool)
+    j = latest.copy()
+    while pending.any():
+        valid = pending & (j >= 0)
+        valid[valid] &= starts[j[valid]] >= times[valid] - longest
+        pending &= valid
+        covers = np.zeros(times.shape, dtype=bool)
+        covers[pending] = ends[j[pending]] > times[pending]
+        out[covers] = j[covers]
+        pending &= ~covers
+        j -= 1
+    return out
+
+
+def text_index_for(times: np.ndarray, onsets: np.ndarray, window_s: float, window: Dict) -> np.ndarray:
+    """The text slots of each window as the store's window settings ask (``text_timing``, ``text_slots``)."""
+    timing = window.get("text_timing", "latest")  # stores prepared before the setting existed: latest
+    pick = text_grid_for if timing == "grid" else text_slots_for
+    return pick(times[:, 0], times[:, 1], onsets, window_s, window["text_slots"])
+
+
 def window_index(store: Store) -> WindowIndex:
     """Window indices for every TR of ``store``, from the window settings it was prepared with."""
     manifest = store.manifest
@@ -82,7 +113,7 @@ def window_index(store: Store) -> WindowIndex:
         m = audio["mel"]
         mel = _grid(m["shape"][0], m["rate_hz"], m["start_s"], onsets, window_s, window["mel_slots"])
     times = store.text_times()
-    text = text_slots_for(times[:, 0], times[:, 1], onsets, window_s, window["text_slots"])
+    text = text_index_for(times, onsets, window_s, window)
     return WindowIndex(onsets, window_s, video, codes, mel, text)
 
 
@@ -170,8 +201,7 @@ class WindowDataset(Dataset):
         batch["video_index"] = torch.from_numpy(_grid(v["shape"][0], v["rate_hz"], v["start_s"], onsets, self.index.window_s,
                                                        window["video_slots"]))
         times = self.store.text_times()
-        batch["text_index"] = torch.from_numpy(text_slots_for(times[:, 0], times[:, 1], onsets, self.index.window_s,
-                                                              window["text_slots"]))
+        batch["text_index"] = torch.from_numpy(text_index_for(times, onsets, self.index.window_s, window))
         audio = manifest["audio"]
         if "code_index" in batch:
             c = audio["codes"]

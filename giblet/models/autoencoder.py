@@ -95,16 +95,26 @@ class SlotProjection(nn.Module):
 class TemporalConcat(nn.Module):
     """L2: the slots of a window concatenated in time order, projected to one modality vector.
 
+    With ``kernels`` = 0 every (slot, feature) pair has its own weight. With ``kernels`` = k > 0
+    the slots are first weighted by k temporal kernels shared by all features (k x slots
+    weights, like a learned HRF basis), and only the k x features result is projected: the
+    same map with far fewer parameters, for datasets too short to learn a time course per feature.
     The LayerNorm puts every modality on the same footing at fusion, whatever the scale
     of its input (uint8 pixels, log-mel decibels, unit-norm embeddings).
     """
 
-    def __init__(self, slots: int, features: int, width: int) -> None:
+    def __init__(self, slots: int, features: int, width: int, kernels: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(slots * features, width)
+        if kernels > 0:
+            self.kernels = nn.Parameter(torch.randn(slots, kernels) / math.sqrt(slots))
+        else:
+            self.kernels = None
+        self.linear = nn.Linear((kernels or slots) * features, width)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            slots = torch.einsum("bsf,sk->bkf", slots, self.kernels.to(slots.dtype))
         return F.gelu(self.norm(self.linear(slots.flatten(1))))
 
 
@@ -184,16 +194,16 @@ class GibletAutoencoder(nn.Module):
         width = config.modality_width
         if dims.present("video"):
             self.l1_video = GatherProjection(dims.frame_size, config.frame_features, scale=1 / 255, shift=-0.5)
-            self.l2_video = TemporalConcat(dims.video_slots, config.frame_features, width)
+            self.l2_video = TemporalConcat(dims.video_slots, config.frame_features, width, config.temporal_kernels)
         if dims.present("codes"):
             self.l1_codes = CodeEmbedding(dims.n_codebooks, dims.codebook_size, config.code_features)
-            self.l2_codes = TemporalConcat(dims.code_slots, config.code_features, width)
+            self.l2_codes = TemporalConcat(dims.code_slots, config.code_features, width, config.temporal_kernels)
         if dims.present("mel"):
             self.l1_mel = SlotProjection(dims.n_mels, config.mel_features)
-            self.l2_mel = TemporalConcat(dims.mel_slots, config.mel_features, width)
+            self.l2_mel = TemporalConcat(dims.mel_slots, config.mel_features, width, config.temporal_kernels)
         if dims.present("text"):
             self.l1_text = GatherProjection(dims.embedding_size, config.segment_features)
-            self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width)
+            self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width, config.temporal_kernels)
         self.l3_fusion = Fusion(len(self.modalities), config.modality_dropout)
         hidden = list(config.hidden)
         widths = [width * len(self.modalities)] + hidden
