@@ -247,6 +247,7 @@ def build_trainees(data: TrainData, config: Config, device: torch.device, seed: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GibletAutoencoder(data.dims, config.model)
+        model.set_input_statistics(data.scales.mel_mean, data.scales.mel_std)
     model.to(device).train()
     stimuli = data.stimuli.to(device)
     batch = {key: value.to(device) for key, value in data.batch.items()}

@@ -336,3 +336,33 @@ def test_a_model_with_shared_temporal_kernels_trains_on_the_store(tiny_store):
     total, _ = GibletLoss()(model(batch))
     total.backward()
     assert model.l2_video.kernels.grad.abs().sum() > 0 and model.l2_text.kernels.grad.abs().sum() > 0
+
+
+def test_mel_input_is_standardized_with_training_statistics_saved_in_the_checkpoint(tiny_store, tmp_path):
+    dims = dims_from_manifest(tiny_store.manifest, "mel")
+    model = build(tiny_store, dims).eval()
+    scales = LossScales.from_store(tiny_store, model)
+    assert min(scales.mel_mean) < -10, "log-mel decibels are far from 0: the reason for standardizing"
+    model.set_input_statistics(scales.mel_mean, scales.mel_std)
+    batch = a_batch(tiny_store)
+    mel = model._windows(batch)["mel"]
+    expected = torch.nn.functional.gelu(model.l1_mel.linear((mel - torch.tensor(scales.mel_mean)) / torch.tensor(scales.mel_std)))
+    torch.testing.assert_close(model.l1_mel(mel), expected)
+    standardized = (mel - model.l1_mel.mean) / model.l1_mel.std
+    assert abs(float(standardized.mean())) < 0.5 and 0.5 < float(standardized.std()) < 2.0
+    save_checkpoint(model, tmp_path / "run" / "checkpoints" / "best.pt", step=1)
+    loaded = giblet.load(tmp_path / "run").eval().attach(model.stimuli)
+    assert torch.equal(loaded.l1_mel.mean, model.l1_mel.mean) and torch.equal(loaded.l1_mel.std, model.l1_mel.std)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(batch), model.encode(batch), rtol=0, atol=0)
+    # A checkpoint written before the statistics existed loads with the identity (raw mel, as it was trained).
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    del payload["model"]["l1_mel.mean"], payload["model"]["l1_mel.std"]
+    torch.save(payload, tmp_path / "old.pt")
+    old = giblet.load(tmp_path / "old.pt")
+    assert torch.equal(old.l1_mel.mean, torch.zeros_like(model.l1_mel.mean)) and torch.equal(old.l1_mel.std, torch.ones_like(model.l1_mel.std))
+    # Anything else missing is still an error.
+    del payload["model"]["l7_brain.bias"]
+    torch.save(payload, tmp_path / "broken.pt")
+    with pytest.raises(giblet.errors.DataError, match="l7_brain.bias"):
+        giblet.load(tmp_path / "broken.pt")

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 import giblet
 from giblet.config import dump_config, from_dict
+from giblet.models import Stimuli
 from giblet.models.checkpoint import read_checkpoint
+from giblet.train.losses import LossScales
 from giblet.train.trainer import VoxelCorrelation, lr_factor
 from giblet_cli.main import app
 
@@ -74,6 +76,11 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     assert {"optimizer", "scheduler", "rng", "step", "config"} <= set(state)
     model = giblet.load(out)
     assert model.n_units == tiny_store.n_voxels
+    # L1 reads mel standardized by the statistics of the training windows, the ones the mel loss uses.
+    model.attach(Stimuli.from_store(tiny_store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width))
+    scales = LossScales.from_store(tiny_store, model)
+    assert torch.allclose(model.l1_mel.mean, torch.tensor(scales.mel_mean)) and model.l1_mel.mean.mean() < -10
+    assert torch.allclose(model.l1_mel.std, torch.tensor(scales.mel_std))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(out / "tensorboard"))

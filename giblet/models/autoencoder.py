@@ -82,14 +82,21 @@ class CodeEmbedding(nn.Module):
 
 
 class SlotProjection(nn.Module):
-    """L1 for mel slots: a shared projection of each slot's averaged mel frame."""
+    """L1 for mel slots: a shared projection of each slot's averaged mel frame, standardized per band.
+
+    Log-mel frames are decibels (about -100 to +20): unscaled, they would put the projection
+    far outside GELU's curved range. The band means and deviations are buffers, set from the
+    training split by ``set_input_statistics`` and saved with the weights.
+    """
 
     def __init__(self, n_mels: int, features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(n_mels, features)
+        self.register_buffer("mean", torch.zeros(n_mels))
+        self.register_buffer("std", torch.ones(n_mels))
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.linear(mel))
+        return F.gelu(self.linear((mel - self.mean.to(mel.dtype)) / self.std.to(mel.dtype)))
 
 
 class TemporalConcat(nn.Module):
@@ -245,6 +252,12 @@ class GibletAutoencoder(nn.Module):
         """Use these stream tables (move them to the model's device first)."""
         self.stimuli = stimuli
         return self
+
+    def set_input_statistics(self, mel_mean: Sequence[float], mel_std: Sequence[float]) -> None:
+        """Per-band mel statistics of the training split (``LossScales.mel_mean``, ``mel_std``) for L1's input."""
+        if "mel" in self.modalities and len(mel_mean):
+            self.l1_mel.mean.copy_(torch.as_tensor(mel_mean, dtype=torch.float32))
+            self.l1_mel.std.copy_(torch.as_tensor(mel_std, dtype=torch.float32))
 
     def set_grid(self, mask: np.ndarray, affine: np.ndarray) -> None:
         """The voxel grid of the units (the store's mask and affine), for lesions given as ROI images."""

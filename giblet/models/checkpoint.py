@@ -69,6 +69,9 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     return payload
 
 
+OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
+
+
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
     """Rebuild the model of a run folder (or checkpoint file) from the architecture stored inside it."""
     payload = read_checkpoint(find_checkpoint(run))
@@ -80,5 +83,10 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     model = GibletAutoencoder(dims, config, parcel_of_voxel=parcels)
     # The grid buffers are sized by the store's mask; make room before loading them.
     model.grid_mask = torch.empty_like(state["grid_mask"])
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Checkpoints from before the mel input was standardized have no statistics: they read raw mel (mean 0, std 1).
+    missing = [key for key in missing if key not in OPTIONAL_BUFFERS]
+    if missing or unexpected:
+        raise DataError(find_checkpoint(run), f"model weights that do not fit its architecture (missing {missing}, "
+                        f"unexpected {unexpected})", expected="a checkpoint written by this version of giblet")
     return model.to(device) if device is not None else model

@@ -183,7 +183,9 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     model.set_grid(*store.mask())
     model.to(device)
     model.attach(Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width).to(device))
-    loss_fn = GibletLoss(config.loss, LossScales.from_store(store, model))
+    scales = LossScales.from_store(store, model)
+    model.set_input_statistics(scales.mel_mean, scales.mel_std)
+    loss_fn = GibletLoss(config.loss, scales)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
