@@ -1,0 +1,65 @@
+"""What a model could score on a synthetic dataset, from its ground truth: how hard the accuracy target is.
+
+    python benchmarks/accuracy_bounds.py DATA STORE        # e.g. small_data runs/small/store
+
+DATA is a folder from ``giblet data synth`` (it holds ``_truth/``); STORE is a store prepared from it. On the
+store's test TRs, over the voxels that carry signal, every line is a fraction of the ceiling (the r of the
+noise-free signal itself against the test group mean, what ``giblet evaluate`` reports as ``true_signal_r``):
+
+- ridge on the truth's own stimulus features (visual, auditory, language per TR, FIR delays over the lookback),
+  the same kernel ridge as ``giblet evaluate``'s baseline: a linear model that needs no feature learning;
+- least squares from the k leading components of the noise-free signal (computed over the whole movie, so
+  they are the exact response space), fit per voxel on the training TRs: a perfect shared representation read
+  out by a k-wide linear layer, which shows what the width in front of layer 7 costs with this many training TRs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from giblet.data.store import open_store
+from giblet.eval.evaluate import ridge_baseline
+from giblet.eval.metrics import pearson_r
+
+
+def main(data: Path, store_path: Path) -> None:
+    store = open_store(store_path)
+    truth = data / "_truth"
+    first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t
+    group = np.asarray(store.fmri_mean(), dtype=np.float32)
+    n = group.shape[0]
+    signal = np.load(truth / "signal.npy")[first : first + n]
+    carries = signal.std(axis=0) > 0
+    (train0, train1), (test0, test1) = store.splits["train"], store.splits["test"]
+    tested = group[test0:test1]
+    ceiling = float(pearson_r(signal[test0:test1][:, carries], tested[:, carries]).mean())
+    print(f"{store_path}: {int(carries.sum())} signal voxels, test TRs {test0}-{test1 - 1}, "
+          f"{train1 - train0} training TRs; ceiling (noise-free signal's r) {ceiling:.3f}")
+
+    def fraction(prediction: np.ndarray) -> float:
+        return float(pearson_r(np.asarray(prediction, dtype=np.float32), tested)[carries].mean()) / ceiling
+
+    features = np.load(truth / "features.npz")
+    true_features = np.concatenate([features["visual_tr"], features["auditory_tr"], features["language_tr"]], axis=1)
+    delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
+    ridge = ridge_baseline(store, true_features[first : first + n].astype(np.float64), delays, group)
+    print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {fraction(ridge):.3f}")
+
+    centred = signal[:, carries] - signal[:, carries].mean(axis=0)
+    components, _, _ = np.linalg.svd(centred, full_matrices=False)
+    for k in (8, 16, 24, 32, 48, 64, 128):
+        if k > components.shape[1]:
+            break
+        design = np.concatenate([components[:, :k], np.ones((n, 1))], axis=1)
+        weights, *_ = np.linalg.lstsq(design[train0:train1], group[train0:train1], rcond=None)
+        print(f"  least squares from the signal's {k:3d} leading components: {fraction(design[test0:test1] @ weights):.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
