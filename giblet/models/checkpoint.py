@@ -74,7 +74,8 @@ OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
 
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
     """Rebuild the model of a run folder (or checkpoint file) from the architecture stored inside it."""
-    payload = read_checkpoint(find_checkpoint(run))
+    path = find_checkpoint(run)
+    payload = read_checkpoint(path)
     arch = payload["architecture"]
     dims = ModelDims.from_dict(arch["dims"])
     config = ModelConfig(**arch["model"])
@@ -87,6 +88,6 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     # Checkpoints from before the mel input was standardized have no statistics: they read raw mel (mean 0, std 1).
     missing = [key for key in missing if key not in OPTIONAL_BUFFERS]
     if missing or unexpected:
-        raise DataError(find_checkpoint(run), f"model weights that do not fit its architecture (missing {missing}, "
+        raise DataError(path, f"model weights that do not fit its architecture (missing {missing}, "
                         f"unexpected {unexpected})", expected="a checkpoint written by this version of giblet")
     return model.to(device) if device is not None else model
