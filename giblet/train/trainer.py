@@ -167,6 +167,8 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     if use_cuda:
         torch.cuda.set_device(device)
     if t.deterministic:
+        # cuBLAS is repeatable only with a fixed workspace; without one, deterministic mode fails at the first matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     master = rank == 0
     checkpoints = out / "checkpoints"
