@@ -122,11 +122,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_im
     bool parallel_blocks = false) {
   check_gather_project(table, index, weight, c10::nullopt);
   const int64_t P = weight.size(0), D = table.size(1);
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == index.size(0) && grad_out.size(1) == index.size(1) &&
+  GIBLET_CHECK(grad_out.dim() == 3 && grad_out.size(0) == index.size(0) && grad_out.size(1) == index.size(1) &&
                   grad_out.size(2) == P,
               "gather_project_backward: grad_out has shape ", shape_str(grad_out), "; expected (", index.size(0), ", ",
               index.size(1), ", ", P, ")");
-  TORCH_CHECK(!table_requires_grad || at::isFloatingType(table.scalar_type()),
+  GIBLET_CHECK(!table_requires_grad || at::isFloatingType(table.scalar_type()),
               "gather_project_backward: table of dtype ", table.scalar_type(), " cannot take a gradient");
   const auto ct = compute_dtype(weight.scalar_type());
   auto plan = plan_gather(index, table.size(0));
