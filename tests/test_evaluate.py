@@ -88,3 +88,15 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     assert truth["ridge"]["mean_r"] > max(0.05, truth["ridge"]["mean_r_noise_voxels"] + 0.03)  # tiny has few test TRs
     assert truth["model"]["fraction_of_ceiling"] == pytest.approx(truth["model"]["mean_r"] / truth["true_signal_r"])
     assert "fraction of the ceiling" in result.output
+    # Per kind of signal region: the kinds the truth has, every signal voxel once, and the overall mean as
+    # their voxel-weighted mean.
+    kinds = np.load(tiny_data / "_truth" / "tuning.npz")["region_kind"]
+    by_kind = truth["by_kind"]
+    assert set(by_kind) == set(kinds[signal.std(axis=0) > 0].tolist()) and "noise" not in by_kind
+    assert sum(entry["voxels"] for entry in by_kind.values()) == truth["signal_voxels"]
+    for name in ("model", "ridge"):
+        weighted = sum(entry["voxels"] * entry[name]["mean_r"] for entry in by_kind.values()) / truth["signal_voxels"]
+        assert weighted == pytest.approx(truth[name]["mean_r"], abs=1e-5)
+        for entry in by_kind.values():
+            assert entry[name]["fraction_of_ceiling"] == pytest.approx(entry[name]["mean_r"] / entry["true_signal_r"])
+    assert "auditory (" in result.output and "fraction, model / ridge" in result.output

@@ -113,6 +113,18 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray]) -> Op
     for name, r in scores.items():
         result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
                         "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
+    # The same per kind of region (visual, auditory, language, mixed): where a model falls short.
+    if (truth / "tuning.npz").is_file():
+        kinds = np.load(truth / "tuning.npz")["region_kind"][carries]
+        by_kind: Dict[str, Dict[str, object]] = {}
+        for kind in sorted(set(kinds.tolist())):
+            inside = kinds == kind
+            entry: Dict[str, object] = {"voxels": int(inside.sum()), "true_signal_r": float(ceiling[inside].mean())}
+            for name, r in scores.items():
+                mean_r = float(r[carries][inside].mean())
+                entry[name] = {"mean_r": mean_r, "fraction_of_ceiling": mean_r / float(ceiling[inside].mean())}
+            by_kind[str(kind)] = entry
+        result["by_kind"] = by_kind
     return result
 
 
