@@ -8,6 +8,8 @@ noise-free signal itself against the test group mean, what ``giblet evaluate`` r
 
 - ridge on the truth's own stimulus features (visual, auditory, language per TR, FIR delays over the lookback),
   the same kernel ridge as ``giblet evaluate``'s baseline: a linear model that needs no feature learning;
+  then per kind of signal region, that ridge and one on the kind's own modality alone (a mixed region has two
+  or three modalities, so it gets the first line only);
 - least squares from the k leading components of the noise-free signal (computed over the whole movie, so
   they are the exact response space), fit per voxel on the training TRs: a perfect shared representation read
   out by a k-wide linear layer, which shows what the width in front of layer 7 costs with this many training TRs.
@@ -48,6 +50,17 @@ def main(data: Path, store_path: Path) -> None:
     delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
     ridge = ridge_baseline(store, true_features[first : first + n].astype(np.float64), delays, group)
     print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {fraction(ridge):.3f}")
+
+    kinds = np.load(truth / "tuning.npz")["region_kind"]
+    r_all = pearson_r(ridge, tested)
+    r_signal = pearson_r(signal[test0:test1], tested)
+    for kind in sorted(set(kinds[carries].tolist())):
+        inside = carries & (kinds == kind)
+        line = f"  {kind} regions ({int(inside.sum())} voxels): that ridge {r_all[inside].mean() / r_signal[inside].mean():.3f}"
+        if f"{kind}_tr" in features:
+            own = ridge_baseline(store, features[f"{kind}_tr"][first : first + n].astype(np.float64), delays, group)
+            line += f"; on the {kind} features alone {pearson_r(own, tested)[inside].mean() / r_signal[inside].mean():.3f}"
+        print(line)
 
     centred = signal[:, carries] - signal[:, carries].mean(axis=0)
     components, _, _ = np.linalg.svd(centred, full_matrices=False)
