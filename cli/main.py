@@ -204,9 +204,9 @@ def model(
     if store is not None:
         from giblet.data.store import open_store
 
-        dims, where = dims_from_manifest(open_store(store).manifest, settings.model.audio_input), str(store)
+        dims, where = dims_from_manifest(open_store(store).manifest, settings.model.audio_input, settings.model.inputs), str(store)
     else:
-        dims, where = sherlock_dims(embedding_size), f"Sherlock's shapes ({embedding_size}-d text)"
+        dims, where = sherlock_dims(embedding_size).restricted_to(settings.model.inputs), f"Sherlock's shapes ({embedding_size}-d text)"
     network = GibletAutoencoder(dims, settings.model)
     print_layer_table(network, f"giblet model for {escape(where)}")
     per_sample = activation_bytes_per_sample(network)

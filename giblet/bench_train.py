@@ -213,7 +213,7 @@ def store_data(store, config: Config, batch_size: int, seed: int = 0) -> TrainDa
     from giblet.errors import DataError
     from giblet.models import dims_from_manifest
 
-    dims = dims_from_manifest(store.manifest, config.model.audio_input)
+    dims = dims_from_manifest(store.manifest, config.model.audio_input, config.model.inputs)
     dataset = WindowDataset(store, "train", config.dataset.mode, window_index(store))
     if batch_size > len(dataset):
         raise DataError(store.path, f"{len(dataset)} training samples", expected=f"at least the batch size, {batch_size}")

@@ -113,6 +113,9 @@ class ModelConfig:
     decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
     decoded_frame_height: int = 18
     audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
+    # Input modalities the encoder reads (and the decoder reconstructs): a single-modality model is the
+    # control that shows what one stream alone predicts of each region.
+    inputs: List[str] = field(default_factory=lambda: ["video", "audio", "text"])
     # Share of the reconstruction losses' gradient that reaches layer 7 and the encoder. 0: the decoder
     # learns to read the brain layer without bending it away from the measured responses.
     decoder_gradient_to_brain: float = 0.0
@@ -181,7 +184,7 @@ CHOICES = {
     ("model", "audio_input"): ("auto", "codes", "mel"),
     ("window", "text_timing"): ("latest", "grid"),
 }
-LIST_CHOICES = {("audio", "features"): ("mel", "codes")}
+LIST_CHOICES = {("audio", "features"): ("mel", "codes"), ("model", "inputs"): ("video", "audio", "text")}
 
 
 def _type_name(tp) -> str:
@@ -284,6 +287,8 @@ def _check_values(config: Config, source: str) -> None:
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
+    if not m.inputs or len(set(m.inputs)) != len(m.inputs):
+        raise ConfigError(f"{source}: model.inputs is {m.inputs}; expected one or more of video, audio, text, each once")
     if m.temporal_kernels < 0:
         raise ConfigError(f"{source}: model.temporal_kernels is {m.temporal_kernels}; expected 0 (off) or a number of kernels")
     if not 0 <= m.decoder_gradient_to_brain <= 1:

@@ -46,6 +46,22 @@ def combinations(manifest):
     yield "mel only", mel.without("video").without("text")
 
 
+def test_model_inputs_leave_the_other_modalities_out(tiny_store):
+    manifest = tiny_store.manifest
+    everything = dims_from_manifest(manifest, "mel", ["video", "audio", "text"])
+    assert everything == dims_from_manifest(manifest, "mel")
+    for inputs, present in (
+        (["text"], {"text"}), (["audio"], {"mel"}), (["video", "audio"], {"video", "mel"}), (["video", "text"], {"video", "text"}),
+    ):
+        for dims in (dims_from_manifest(manifest, "mel", inputs), everything.restricted_to(inputs)):
+            assert {m for m in ("video", "codes", "mel", "text") if dims.present(m)} == present, inputs
+    assert not dims_from_manifest(manifest, "codes", ["video", "text"]).present("codes")
+    model = build(tiny_store, dims_from_manifest(manifest, "mel", ["text"]))
+    assert model.modalities == ["text"] and not hasattr(model, "l1_video") and not hasattr(model, "l1_mel")
+    out = model(a_batch(tiny_store, n=3))
+    assert set(out["reconstructions"]) == {"text"} and out["brain"].shape == (3, tiny_store.n_voxels)
+
+
 def test_shapes_for_each_modality_combination(tiny_store):
     batch = a_batch(tiny_store, n=5)
     for name, dims in combinations(tiny_store.manifest):

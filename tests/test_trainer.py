@@ -90,6 +90,22 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     assert len(board.Scalars("train/loss")) == len(steps)
 
 
+def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_config, tmp_path):
+    values = tiny_config.to_dict()
+    for section, overrides in TRAIN.items():
+        values[section].update(overrides)
+    values["model"]["inputs"] = ["audio"]
+    values["train"]["epochs"] = 1
+    config = tmp_path / "audio_only.yaml"
+    config.write_text(dump_config(from_dict(values)))
+    out = tmp_path / "run"
+    done = _train(tiny_data, tiny_store, out, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = giblet.load(out)
+    assert model.modalities == ["mel"] and model.config.inputs == ["audio"]
+    assert not any(name.startswith(("l1_video", "l1_text", "l13_video", "l13_text")) for name in model.state_dict())
+
+
 def test_two_processes_end_with_the_weights_of_one(tiny_data, tiny_store, run_config, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _train(tiny_data, tiny_store, one, run_config).returncode == 0

@@ -214,7 +214,7 @@ def _model_dims(config: Config, align, facts: dict, code_rate_hz: float):
         "text": {"embedding_size": facts["embedding_size"]},
         "fmri": {"n_voxels": facts["n_voxels"]},
     }
-    return dims_from_manifest(manifest, config.model.audio_input)
+    return dims_from_manifest(manifest, config.model.audio_input, config.model.inputs)
 
 
 def _check_fmri_data(report: _Report, sources, config: Config, align) -> Optional[int]:

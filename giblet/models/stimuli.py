@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,15 @@ class ModelDims:
     def without(self, modality: str) -> "ModelDims":
         return dataclasses.replace(self, **{f"{modality if modality != 'codes' else 'code'}_slots": 0})
 
+    def restricted_to(self, inputs: Sequence[str]) -> "ModelDims":
+        """These dimensions with no slots for the input modalities (video, audio, text) not in ``inputs``."""
+        dims = self
+        for name, streams in (("video", ("video",)), ("audio", ("codes", "mel")), ("text", ("text",))):
+            if name not in inputs:
+                for stream in streams:
+                    dims = dims.without(stream)
+        return dims
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -57,16 +66,20 @@ class ModelDims:
         return cls(**values)
 
 
-def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto") -> ModelDims:
+def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto",
+                       inputs: Sequence[str] = ("video", "audio", "text")) -> ModelDims:
     """The model's data dimensions from a store's manifest.
 
     ``audio_input``: ``codes`` or ``mel`` (the store must have it), or ``auto``: codes
-    when the store has them, else mel, else no audio.
+    when the store has them, else mel, else no audio. ``inputs``: the modalities the
+    model reads (``video``, ``audio``, ``text``); the others get no slots.
     """
     window = manifest["window"]
     video, audio, text = manifest["video"], manifest["audio"], manifest["text"]
     has_codes, has_mel = "codes" in audio, "mel" in audio
-    if audio_input == "auto":
+    if "audio" not in inputs:
+        audio_input = "none"
+    elif audio_input == "auto":
         audio_input = "codes" if has_codes else "mel" if has_mel else "none"
     if audio_input == "codes" and not has_codes or audio_input == "mel" and not has_mel:
         from giblet.errors import ConfigError
@@ -78,10 +91,10 @@ def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto") -> M
     values: Dict[str, Any] = dict(
         n_voxels=manifest["fmri"]["n_voxels"],
         window_s=window["window_s"],
-        video_slots=window["video_slots"],
+        video_slots=window["video_slots"] if "video" in inputs else 0,
         frame_height=video["shape"][1],
         frame_width=video["shape"][2],
-        text_slots=window["text_slots"],
+        text_slots=window["text_slots"] if "text" in inputs else 0,
         embedding_size=text["embedding_size"],
     )
     if audio_input == "codes":

@@ -180,7 +180,7 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     index = window_index(store)
     train_set = WindowDataset(store, "train", config.dataset.mode, index)
     val_set = WindowDataset(store, "val", "cross_subject", index)
-    dims = dims_from_manifest(store.manifest, config.model.audio_input)
+    dims = dims_from_manifest(store.manifest, config.model.audio_input, config.model.inputs)
     model = GibletAutoencoder(dims, config.model)
     model.set_grid(*store.mask())
     model.to(device)
