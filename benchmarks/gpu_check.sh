@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One pass on a machine with an NVIDIA GPU: build giblet._C with CUDA kernels for
 # the visible GPU, run the op tests (their CUDA cases included), `giblet validate`,
-# `giblet bench --device cuda` and the pytest-benchmark op suite on the GPU, and,
+# `giblet bench --device cuda`, the pytest-benchmark op suite and
+# benchmarks/profile_ops.py on the GPU, and,
 # given a prepared run folder, train on the GPU under torchrun (NCCL, bf16
 # autocast) and evaluate. Every log and JSON goes under $OUT (default
 # build/gpu-check); summary.txt has one line per stage.
@@ -61,6 +62,8 @@ COLUMNS=160 stage "bench --device cuda" 240 bench-cuda.txt \
   "$PYTHON" -m giblet_cli.main bench --device cuda --json "$OUT/bench-cuda.json"
 GIBLET_BENCH_DEVICE=cuda stage "pytest-benchmark (cuda, sherlock sizes)" 240 bench-pytest.txt \
   "$PYTHON" -m pytest benchmarks/test_ops.py -q -p no:cacheprovider --benchmark-only --benchmark-columns=min,median,max,rounds
+PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" stage "profile_ops (host vs kernel time)" 120 profile.txt \
+  "$PYTHON" benchmarks/profile_ops.py cuda sherlock
 
 if [ -n "$RUN_DIR" ]; then
   run="$OUT.run"
