@@ -109,6 +109,8 @@ def print_metrics(metrics: dict, run: Path, split: str) -> None:
             if name in truth:
                 table.add_row(f"truth: {name} mean_r on signal voxels", f"{truth[name]['mean_r']:.4f}")
                 table.add_row(f"truth: {name} fraction of the ceiling", f"{truth[name]['fraction_of_ceiling']:.3f}")
+                if "r_vs_signal" in truth[name]:
+                    table.add_row(f"truth: {name} r against the noise-free signal", f"{truth[name]['r_vs_signal']:.3f}")
         for kind, entry in truth.get("by_kind", {}).items():
             fractions = " / ".join(f"{entry[name]['fraction_of_ceiling']:.3f}" for name in ("model", "ridge") if name in entry)
             table.add_row(f"truth: {kind} ({entry['voxels']} voxels) fraction, model / ridge", fractions)

@@ -119,6 +119,10 @@ class ModelConfig:
     # Share of the reconstruction losses' gradient that reaches layer 7 and the encoder. 0: the decoder
     # learns to read the brain layer without bending it away from the measured responses.
     decoder_gradient_to_brain: float = 0.0
+    # Training only: a linear map from each modality's L2 vector to layer 7's units, fit to the fMRI as well
+    # (weight loss.fmri_per_modality), so that every modality vector carries what that stream alone predicts.
+    # Predictions, lesions and the decoder never use them.
+    modality_readouts: bool = False
     parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
 
 
@@ -126,6 +130,7 @@ class ModelConfig:
 class LossConfig:
     fmri: float = 1.0  # MSE at L7 on z-scored targets
     fmri_correlation: float = 0.0  # weight of the negative per-voxel correlation term over the batch
+    fmri_per_modality: float = 1.0  # weight of the modality readouts' mean MSE (only with model.modality_readouts)
     frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
     codes: float = 1.0
     mel: float = 1.0

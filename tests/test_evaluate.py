@@ -100,3 +100,8 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
         for entry in by_kind.values():
             assert entry[name]["fraction_of_ceiling"] == pytest.approx(entry[name]["mean_r"] / entry["true_signal_r"])
     assert "auditory (" in result.output and "fraction, model / ridge" in result.output
+    # r against the noise-free signal on the signal voxels, from the written prediction.
+    first = int(tiny_store.manifest["alignment"]["first_tr"])
+    carries = signal.std(axis=0) > 0
+    against_signal = pearson_r(values[mask].T[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
+    assert truth["model"]["r_vs_signal"] == pytest.approx(float(against_signal.mean()), abs=1e-4)

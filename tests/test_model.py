@@ -354,6 +354,27 @@ def test_a_model_with_shared_temporal_kernels_trains_on_the_store(tiny_store):
     assert model.l2_video.kernels.grad.abs().sum() > 0 and model.l2_text.kernels.grad.abs().sum() > 0
 
 
+def test_modality_readouts_supervise_each_l2_vector_in_training_only(tiny_store):
+    config = ModelConfig(**{**SMALL.__dict__, "modality_readouts": True})
+    model = build(tiny_store, config=config)
+    batch = a_batch(tiny_store, n=4)
+    out = model(batch)
+    assert set(out["modality_brain"]) == set(model.modalities)
+    assert all(readout.shape == (4, model.n_units) for readout in out["modality_brain"].values())
+    total, parts = GibletLoss()(out)
+    target = out["targets"]["fmri"].float()
+    expected = torch.stack([torch.nn.functional.mse_loss(r, target) for r in out["modality_brain"].values()]).mean()
+    torch.testing.assert_close(parts["fmri_per_modality"], expected)
+    # That term alone trains the L1-L2 paths and the readouts, nothing past the fusion.
+    parts["fmri_per_modality"].backward()
+    assert model.l2_text.linear.weight.grad.abs().sum() > 0 and model.modality_readouts["text"].weight.grad.abs().sum() > 0
+    assert model.l4_l6[0].linear.weight.grad is None and model.l7_brain.weight.grad is None
+    # Never in evaluation: predictions, lesions and the decoder read layer 7 alone.
+    assert "modality_brain" not in model.eval()(batch)
+    assert "fmri_per_modality" not in GibletLoss()(model(batch))[1]
+    assert "modality_brain" not in build(tiny_store).train()(batch)
+
+
 def test_mel_input_is_standardized_with_training_statistics_saved_in_the_checkpoint(tiny_store, tmp_path):
     dims = dims_from_manifest(tiny_store.manifest, "mel")
     model = build(tiny_store, dims).eval()

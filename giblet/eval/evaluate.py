@@ -64,13 +64,13 @@ def tr_features(store: Store, small_frames: Optional[torch.Tensor]) -> np.ndarra
     return np.concatenate(parts, axis=1).astype(np.float64)
 
 
-def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.ndarray) -> np.ndarray:
-    """himalaya kernel ridge on FIR-delayed features, fit on the train TRs; predictions for the test TRs."""
+def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.ndarray, split: str = "test") -> np.ndarray:
+    """himalaya kernel ridge on FIR-delayed features, fit on the train TRs; predictions for the TRs of ``split``."""
     from himalaya.kernel_ridge import KernelRidgeCV
 
     from giblet.data.alignment import fir_delays
 
-    train, test = store.splits["train"], store.splits["test"]
+    train, test = store.splits["train"], store.splits[split]
     delayed = fir_delays(features, list(range(delays + 1)))
     mean = delayed[train[0] : train[1]].mean(axis=0)
     std = delayed[train[0] : train[1]].std(axis=0)
@@ -80,7 +80,8 @@ def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.n
     return np.asarray(model.predict(delayed[test[0] : test[1]]), dtype=np.float32)
 
 
-def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray]) -> Optional[Dict[str, object]]:
+def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
+                  predictions: Optional[Dict[str, np.ndarray]] = None) -> Optional[Dict[str, object]]:
     """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
 
     ``scores`` maps a name (``model``, ``ridge``) to per-voxel r against the group mean. Two ceilings:
@@ -110,9 +111,14 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray]) -> Op
         "noise_ceiling": float(np.load(truth / "noise_ceiling.npy")[carries].mean()),
         "true_signal_r": float(ceiling.mean()),
     }
+    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
     for name, r in scores.items():
         result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
                         "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
+        if predictions is not None and name in predictions:
+            # Against the noise-free signal itself: no measurement noise in the target, so a steadier comparison
+            # of two models than r against the group mean (1 for a perfect model).
+            result[name]["r_vs_signal"] = float(pearson_r(np.asarray(predictions[name], dtype=np.float32)[:, carries], truth_signal).mean())
     # The same per kind of region (visual, auditory, language, mixed): where a model falls short.
     if (truth / "tuning.npz").is_file():
         kinds = np.load(truth / "tuning.npz")["region_kind"][carries]
@@ -207,7 +213,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     if baseline == "ridge":
         features = tr_features(store, model.stimuli.small_frames)
         delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
-        ridge = ridge_baseline(store, features, delays, np.asarray(store.fmri_mean(), dtype=np.float32))
+        ridge = ridge_baseline(store, features, delays, np.asarray(store.fmri_mean(), dtype=np.float32), split)
         ridge_r = pearson_r(ridge, group)
         metrics["baselines"]["ridge"] = {
             "mean_r": float(ridge_r.mean()),
@@ -215,10 +221,10 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
             "features": int(features.shape[1]),
             "fir_delays_trs": delays,
         }
-    scores = {"model": r}
+    scores, predictions = {"model": r}, {"model": prediction}
     if baseline == "ridge":
-        scores["ridge"] = ridge_r
-    truth = truth_metrics(store, split, scores)
+        scores["ridge"], predictions["ridge"] = ridge_r, ridge
+    truth = truth_metrics(store, split, scores, predictions)
     if truth is not None:
         metrics["truth"] = truth
     out = run / "eval"

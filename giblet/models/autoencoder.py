@@ -212,9 +212,6 @@ class GibletAutoencoder(nn.Module):
             self.l1_text = GatherProjection(dims.embedding_size, config.segment_features)
             self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width, config.temporal_kernels)
         self.l3_fusion = Fusion(len(self.modalities), config.modality_dropout)
-        hidden = list(config.hidden)
-        widths = [width * len(self.modalities)] + hidden
-        self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
         if parcel_of_voxel is not None:
             parcel_of_voxel = torch.as_tensor(parcel_of_voxel, dtype=torch.int64)
             if parcel_of_voxel.shape != (dims.n_voxels,) or parcel_of_voxel.min() < 0:
@@ -224,6 +221,13 @@ class GibletAutoencoder(nn.Module):
         else:
             self.parcel_of_voxel = None
             self.n_units = dims.n_voxels
+        # Training only (deep supervision of L2): each modality vector alone, read out to layer 7's units.
+        self.modality_readouts = (
+            nn.ModuleDict({m: nn.Linear(width, self.n_units) for m in self.modalities}) if config.modality_readouts else None
+        )
+        hidden = list(config.hidden)
+        widths = [width * len(self.modalities)] + hidden
+        self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
         self.l7_brain = Brain(hidden[-1], self.n_units)
         back = [self.n_units] + hidden[::-1]
         self.l8_l10 = nn.ModuleList(Block(back[i], back[i + 1], config.dropout) for i in range(len(hidden)))
@@ -281,7 +285,9 @@ class GibletAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ passes
 
-    def _encode(self, batch: Batch, windows: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _encode(self, batch: Batch, windows: Dict[str, torch.Tensor],
+                vectors_out: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Layer 7; ``vectors_out``, if given, receives each modality's L2 vector."""
         stimuli = self.stimuli
         vectors = []
         for modality in self.modalities:
@@ -294,6 +300,8 @@ class GibletAutoencoder(nn.Module):
             else:
                 slots = self.l1_text(stimuli.text, batch["text_index"])
             vectors.append(getattr(self, f"l2_{modality}")(slots))
+        if vectors_out is not None:
+            vectors_out.update(zip(self.modalities, vectors))
         x = self.l3_fusion(vectors)
         for block in self.l4_l6:
             x = block(x)
@@ -338,11 +346,15 @@ class GibletAutoencoder(nn.Module):
 
     def forward(self, batch: Batch) -> Dict[str, object]:
         windows = self._windows(batch)
-        brain = self._encode(batch, windows)
+        vectors: Dict[str, torch.Tensor] = {}
+        brain = self._encode(batch, windows, vectors)
         share = self.config.decoder_gradient_to_brain
         # Same values either way; only how much of the reconstruction gradient flows back into layer 7.
         seen_by_decoder = brain if share == 1 else brain.detach() if share == 0 else brain * share + brain.detach() * (1 - share)
-        return {"brain": brain, "reconstructions": self.decode(seen_by_decoder), "targets": self.targets(batch, windows)}
+        out = {"brain": brain, "reconstructions": self.decode(seen_by_decoder), "targets": self.targets(batch, windows)}
+        if self.modality_readouts is not None and self.training:
+            out["modality_brain"] = {m: self.modality_readouts[m](vector) for m, vector in vectors.items()}
+        return out
 
     def brain_targets(self, fmri: torch.Tensor) -> torch.Tensor:
         """fMRI ``(B, voxels)`` in unit space: itself, or each parcel's mean."""

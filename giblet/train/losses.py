@@ -114,6 +114,10 @@ class GibletLoss(nn.Module):
             parts["fmri"] = F.mse_loss(brain, target)
             if w.fmri_correlation > 0 and brain.shape[0] > 1:
                 parts["fmri_correlation"] = -pearson_per_unit(brain, target).mean()
+            if "modality_brain" in output:  # the training-only readouts of model.modality_readouts
+                parts["fmri_per_modality"] = torch.stack(
+                    [F.mse_loss(readout.float(), target) for readout in output["modality_brain"].values()]
+                ).mean()
         if "video" in recon:
             errors = (recon["video"] - targets["video"]).pow(2).flatten(2).mean(dim=2)  # (B, slots)
             parts["frames"] = _sample_mean(errors, targets["video_valid"]) / self.scales.frames
