@@ -104,14 +104,14 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     carries = np.asarray(signal).std(axis=0) > 0
     group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
     first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t, the truth's row
-    ceiling = pearson_r(np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries], group[:, carries])
+    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
+    ceiling = pearson_r(truth_signal, group[:, carries])
     result: Dict[str, object] = {
         "folder": str(truth),
         "signal_voxels": int(carries.sum()),
         "noise_ceiling": float(np.load(truth / "noise_ceiling.npy")[carries].mean()),
         "true_signal_r": float(ceiling.mean()),
     }
-    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
     for name, r in scores.items():
         result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
                         "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
