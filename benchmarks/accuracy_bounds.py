@@ -38,7 +38,8 @@ def main(data: Path, store_path: Path) -> None:
     carries = signal.std(axis=0) > 0
     (train0, train1), (test0, test1) = store.splits["train"], store.splits["test"]
     tested = group[test0:test1]
-    ceiling = float(pearson_r(signal[test0:test1][:, carries], tested[:, carries]).mean())
+    r_signal = pearson_r(signal[test0:test1], tested)  # per voxel; the ceiling is its mean over the signal voxels
+    ceiling = float(r_signal[carries].mean())
     print(f"{store_path}: {int(carries.sum())} signal voxels, test TRs {test0}-{test1 - 1}, "
           f"{train1 - train0} training TRs; ceiling (noise-free signal's r) {ceiling:.3f}")
 
@@ -49,11 +50,10 @@ def main(data: Path, store_path: Path) -> None:
     true_features = np.concatenate([features["visual_tr"], features["auditory_tr"], features["language_tr"]], axis=1)
     delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
     ridge = ridge_baseline(store, true_features[first : first + n].astype(np.float64), delays, group)
-    print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {fraction(ridge):.3f}")
+    r_all = pearson_r(ridge, tested)
+    print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {r_all[carries].mean() / ceiling:.3f}")
 
     kinds = np.load(truth / "tuning.npz")["region_kind"]
-    r_all = pearson_r(ridge, tested)
-    r_signal = pearson_r(signal[test0:test1], tested)
     for kind in sorted(set(kinds[carries].tolist())):
         inside = carries & (kinds == kind)
         line = f"  {kind} regions ({int(inside.sum())} voxels): that ridge {r_all[inside].mean() / r_signal[inside].mean():.3f}"

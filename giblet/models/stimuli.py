@@ -91,10 +91,10 @@ def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto",
     values: Dict[str, Any] = dict(
         n_voxels=manifest["fmri"]["n_voxels"],
         window_s=window["window_s"],
-        video_slots=window["video_slots"] if "video" in inputs else 0,
+        video_slots=window["video_slots"],
         frame_height=video["shape"][1],
         frame_width=video["shape"][2],
-        text_slots=window["text_slots"] if "text" in inputs else 0,
+        text_slots=window["text_slots"],
         embedding_size=text["embedding_size"],
     )
     if audio_input == "codes":
@@ -106,7 +106,7 @@ def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto",
     elif audio_input == "mel":
         m = audio["mel"]
         values.update(mel_slots=window["mel_slots"], n_mels=m["n_mels"], mel_rate_hz=m["rate_hz"], mel_start_s=m["start_s"])
-    return ModelDims(**values)
+    return ModelDims(**values).restricted_to(inputs)
 
 
 def _area_resize(frames: np.ndarray, height: int, width: int, chunk: int = 512) -> torch.Tensor:
