@@ -75,6 +75,19 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t, co
               " has dtype ", ref.scalar_type(), "; expected the same dtype");
 }
 
+// table (T, D) and weight (P, D) of gather_project and its backward.
+inline void check_gather_table_weight(const char* op, const at::Tensor& table, const at::Tensor& weight) {
+  check_dim(op, "table", table, 2, "(T, D)");
+  auto tt = table.scalar_type();
+  GIBLET_CHECK(tt == at::kByte || tt == at::kFloat || tt == at::kDouble || tt == at::kHalf || tt == at::kBFloat16, op,
+              ": table must be uint8, float16, bfloat16, float32 or float64, got ", tt);
+  check_dim(op, "weight", weight, 2, "(P, D)");
+  check_float_dtype(op, "weight", weight);
+  GIBLET_CHECK(weight.size(1) == table.size(1), op, ": weight has shape ", shape_str(weight), " but table has D=",
+              table.size(1), " columns; expected weight (P, ", table.size(1), ")");
+  check_same_device(op, "weight", weight, table, "table");
+}
+
 inline void check_gather_project(const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias) {
   const char* op = "gather_project";
@@ -97,21 +110,16 @@ inline void check_gather_project(const at::Tensor& table, const at::Tensor& inde
   }
 }
 
-// Range check of the row numbers, given their sorted unique values; returns
-// the smallest (0 when there are none). Only on a failure does it search
+// Range check of the row numbers, given the smallest and the largest (read by
+// the caller in one device-to-host copy). Only on a failure does it search
 // `index` for the position of the offending value.
-inline int64_t check_index_range(const at::Tensor& index, const at::Tensor& unique_sorted, int64_t n_rows) {
-  if (unique_sorted.numel() == 0) return 0;
-  // Both ends in one device-to-host copy.
-  auto ends = at::stack({unique_sorted[0], unique_sorted[-1]}).cpu();
-  const int64_t lo = ends[0].item<int64_t>(), hi = ends[1].item<int64_t>();
-  if (lo >= -1 && hi < n_rows) return lo;
+inline void check_index_range(const at::Tensor& index, int64_t lo, int64_t hi, int64_t n_rows) {
+  if (lo >= -1 && hi < n_rows) return;
   int64_t bad = lo < -1 ? lo : hi;
   auto pos = (index == bad).nonzero()[0].cpu();
   GIBLET_CHECK(false, "gather_project: index holds ", bad, " at position (", pos[0].item<int64_t>(), ", ",
               pos[1].item<int64_t>(), ") but table has T=", n_rows, " rows; expected -1 (empty slot) or 0..",
               n_rows - 1);
-  return lo;
 }
 
 inline void check_grid(const char* op, double rate, const at::Tensor& onsets, double window, int64_t n_out) {

@@ -4,12 +4,17 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(giblet, m) {
-  // (B, S, P) = weight @ (table[index] * scale + shift) + bias; 0 where index == -1.
-  m.def("gather_project(Tensor table, Tensor index, Tensor weight, Tensor? bias, float scale, float shift) -> Tensor");
+  // (out, rows, slot_to_row): out (B, S, P) = weight @ (table[index] * scale + shift) + bias, 0 where
+  // index == -1; rows (U,) int64, the sorted unique table rows named by index; slot_to_row (B, S) int64,
+  // 1 + the position of each slot's row in rows, or 0 for an empty slot. The plan (rows, slot_to_row) is
+  // kept for gather_project_backward, which then needs no planning of its own.
+  m.def(
+      "gather_project(Tensor table, Tensor index, Tensor weight, Tensor? bias, float scale, float shift) "
+      "-> (Tensor, Tensor, Tensor)");
   // (grad_table or (0,), grad_weight, grad_bias)
   m.def(
-      "gather_project_backward(Tensor grad_out, Tensor table, Tensor index, Tensor weight, float scale, float shift, "
-      "bool table_requires_grad) -> (Tensor, Tensor, Tensor)");
+      "gather_project_backward(Tensor grad_out, Tensor table, Tensor rows, Tensor slot_to_row, Tensor weight, "
+      "float scale, float shift, bool table_requires_grad) -> (Tensor, Tensor, Tensor)");
 
   // (N, n_out) int64 sample index at each sub-interval centre of each TR window, -1 outside.
   m.def("grid_index(int n_samples, float rate, Tensor onsets, float window, int n_out) -> Tensor");

@@ -81,33 +81,41 @@ def gather_project(
     Rows named by several slots are projected once, and the gathered
     ``(B, S, D)`` input is never materialized.
     """
-    return _ops.gather_project(table, index, weight, bias, float(scale), float(shift))
+    out, _rows, _slot_to_row = _ops.gather_project(table, index, weight, bias, float(scale), float(shift))
+    return out
 
 
 @torch.library.register_fake("giblet::gather_project")
 def _gather_project_fake(table, index, weight, bias, scale, shift):
     torch._check(index.dim() == 2, lambda: f"gather_project: index must be 2-D (B, S), got {tuple(index.shape)}")
     torch._check(weight.dim() == 2, lambda: f"gather_project: weight must be 2-D (P, D), got {tuple(weight.shape)}")
-    return weight.new_empty((index.shape[0], index.shape[1], weight.shape[0]))
+    out = weight.new_empty((index.shape[0], index.shape[1], weight.shape[0]))
+    # The plan: the number of unique rows depends on the values of index.
+    n_unique = torch.library.get_ctx().new_dynamic_size()
+    rows = index.new_empty((n_unique,), dtype=torch.int64)
+    slot_to_row = index.new_empty(index.shape, dtype=torch.int64)
+    return out, rows, slot_to_row
 
 
 @torch.library.register_fake("giblet::gather_project_backward")
-def _gather_project_backward_fake(grad_out, table, index, weight, scale, shift, table_requires_grad):
+def _gather_project_backward_fake(grad_out, table, rows, slot_to_row, weight, scale, shift, table_requires_grad):
     grad_table = table.new_empty(table.shape) if table_requires_grad else table.new_empty((0,))
     return grad_table, weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
 def _gather_project_setup(ctx, inputs, output):
     table, index, weight, bias, scale, shift = inputs
-    ctx.save_for_backward(table, index, weight)
+    _out, rows, slot_to_row = output
+    # The forward's plan (unique rows, each slot's row), so that the backward neither plans nor syncs.
+    ctx.save_for_backward(table, rows, slot_to_row, weight)
     ctx.scale, ctx.shift = scale, shift
 
 
-def _gather_project_backward(ctx, grad_out):
-    table, index, weight = ctx.saved_tensors
+def _gather_project_backward(ctx, grad_out, _grad_rows, _grad_slot_to_row):
+    table, rows, slot_to_row, weight = ctx.saved_tensors
     table_grad = ctx.needs_input_grad[0] and table.is_floating_point()
     grad_table, grad_weight, grad_bias = _ops.gather_project_backward(
-        grad_out.contiguous(), table, index, weight, ctx.scale, ctx.shift, table_grad
+        grad_out.contiguous(), table, rows, slot_to_row, weight, ctx.scale, ctx.shift, table_grad
     )
     return (
         grad_table if table_grad else None,

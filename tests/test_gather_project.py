@@ -234,3 +234,133 @@ def test_never_materializes_the_gathered_input():
     with num_threads(2):
         assert peak_extra_in_process(reference, cpu) >= gathered_bytes  # the measurement sees a materialized input
         assert peak_extra_in_process(fused, cpu) < gathered_bytes / 8
+
+
+# --------------------------------------------------------------------------- the plan: made once by the forward pass
+
+
+def test_forward_returns_its_plan(device):
+    # The op returns (out, rows, slot_to_row): the sorted unique rows named, and 1 + each slot's
+    # position in them (0 for an empty slot); ops.gather_project returns the projection alone.
+    table = make_table(9, 6, torch.float32, device)
+    index = torch.tensor([[4, 4, -1, 7], [0, 7, 4, -1]], device=device)
+    weight = torch.randn(3, 6, device=device)
+    out, rows, slot_to_row = torch.ops.giblet.gather_project(table, index, weight, None, 1.0, 0.0)
+    assert torch.equal(rows, torch.tensor([0, 4, 7], device=device))
+    assert torch.equal(slot_to_row, torch.tensor([[2, 2, 0, 3], [1, 3, 2, 0]], device=device))
+    assert rows.storage_offset() == 0 and slot_to_row.shape == index.shape
+    assert torch.equal(out, ops.gather_project(table, index, weight))
+
+
+def test_backward_uses_the_forward_plan_without_planning_again():
+    # Planning (a sort of the index) runs once per forward; the backward pass only reads the plan.
+    table = make_table(30, 16, torch.uint8, "cpu")
+    index = make_index(4, 9, 30, "cpu")
+    weight = torch.randn(5, 16, requires_grad=True)
+
+    def ops_called(fn):
+        with torch.profiler.profile() as profile:
+            fn()
+        return [event.name for event in profile.events()]
+
+    holder = {}
+
+    def forward():
+        holder["out"] = ops.gather_project(table, index, weight, scale=1 / 255)
+
+    def backward():
+        torch.autograd.grad(holder["out"], (weight,), torch.ones_like(holder["out"]))
+
+    forward_ops, backward_ops = ops_called(forward), ops_called(backward)
+    assert forward_ops.count("aten::sort") == 1, forward_ops
+    assert "giblet::gather_project_backward" in backward_ops
+    assert not {"aten::sort", "aten::_unique2", "aten::unique_dim", "aten::cumsum"} & set(backward_ops), backward_ops
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
+def test_empty_index(device, shape):
+    table = make_table(6, 8, torch.float32, device)
+    index = torch.empty(shape, dtype=torch.int64, device=device)
+    weight = torch.randn(2, 8, device=device, requires_grad=True)
+    bias = torch.randn(2, device=device, requires_grad=True)
+    out = ops.gather_project(table, index, weight, bias)
+    assert out.shape == (*shape, 2)
+    grad_weight, grad_bias = torch.autograd.grad(out.sum(), (weight, bias))
+    assert torch.equal(grad_weight, torch.zeros_like(grad_weight)) and torch.equal(grad_bias, torch.zeros_like(grad_bias))
+
+
+def test_backward_with_the_plan_matches_the_reference(device):
+    # The backward op called directly with the forward's plan, against autograd through the reference.
+    table = make_table(50, 40, torch.float64, device)
+    index = make_index(6, 11, 50, device)
+    weight = torch.randn(7, 40, dtype=torch.float64, device=device)
+    _, rows, slot_to_row = torch.ops.giblet.gather_project(table, index, weight, None, 0.5, 0.25)
+    grad_out = torch.randn(6, 11, 7, dtype=torch.float64, device=device)
+    grad_table, grad_weight, grad_bias = torch.ops.giblet.gather_project_backward(
+        grad_out, table, rows, slot_to_row, weight, 0.5, 0.25, True
+    )
+    leaves = [table.clone().requires_grad_(True), weight.clone().requires_grad_(True), torch.zeros(7, dtype=torch.float64, device=device, requires_grad=True)]
+    want = torch.autograd.grad(ref.gather_project(leaves[0], index, leaves[1], leaves[2], 0.5, 0.25), leaves, grad_out)
+    for got, expected in zip((grad_table, grad_weight, grad_bias), want):
+        torch.testing.assert_close(got, expected)
+
+
+def test_several_bad_indices_name_the_lowest_below_minus_one():
+    table, index, weight = inputs()
+    index[0, 2], index[1, 0], index[1, 1] = 12, -5, -3
+    with pytest.raises(RuntimeError, match=r"index holds -5 at position \(1, 0\) but table has T=10 rows"):
+        ops.gather_project(table, index, weight)
+    index[1, 0], index[1, 1] = -1, 11
+    with pytest.raises(RuntimeError, match=r"index holds 12 at position \(0, 2\) but table has T=10 rows"):
+        ops.gather_project(table, index, weight)
+
+
+def test_backward_rejects_a_plan_that_is_not_the_forward_one():
+    table, _, weight = inputs()
+    grad_out = torch.zeros(1, 2, 5)
+    backward = torch.ops.giblet.gather_project_backward
+    with pytest.raises(RuntimeError, match=r"gather_project_backward: rows holds 10 but table has T=10 rows"):
+        backward(grad_out, table, torch.tensor([3, 10]), torch.tensor([[1, 2]]), weight, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"gather_project_backward: slot_to_row holds 3 but rows has U=2 entries"):
+        backward(grad_out, table, torch.tensor([3, 4]), torch.tensor([[3, 0]]), weight, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"gather_project_backward: grad_out has shape \[2, 1, 5\]; expected \(1, 2, 5\)"):
+        backward(grad_out.view(2, 1, 5), table, torch.tensor([3, 4]), torch.tensor([[1, 2]]), weight, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"rows and slot_to_row must be int64, got Int and Long"):
+        backward(grad_out, table, torch.tensor([3, 4], dtype=torch.int32), torch.tensor([[1, 2]]), weight, 1.0, 0.0, False)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test skipped: no CUDA GPU on this machine")
+
+
+@cuda_only
+def test_forward_syncs_once_and_backward_never():
+    # The host waits for the device once per forward (the index's ends and U, in one copy) and
+    # never in the backward pass: counted as the CUDA runtime's synchronizing calls in a profile.
+    from torch.profiler import ProfilerActivity, profile
+
+    table = torch.randint(0, 256, (500, 4096), dtype=torch.uint8, device="cuda")
+    index = make_index(16, 48, 500, "cuda")
+    weight = torch.randn(64, 4096, device="cuda", requires_grad=True)
+    bias = torch.zeros(64, device="cuda", requires_grad=True)
+    grad_out = torch.randn(16, 48, 64, device="cuda")
+    ops.gather_project(table, index, weight, bias, scale=1 / 255)  # warm-up: allocator, cuBLAS handles
+    torch.cuda.synchronize()
+
+    def syncs(fn):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiled:
+            result = fn()
+        # (Not cudaDeviceSynchronize: the profiler calls it itself when it starts and stops.)
+        waits = {"cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+        return result, sum(event.name in waits for event in profiled.events())
+
+    out, forward_syncs = syncs(lambda: ops.gather_project(table, index, weight, bias, scale=1 / 255))
+    _, backward_syncs = syncs(lambda: torch.autograd.grad(out, (weight, bias), grad_out))
+    assert forward_syncs == 1
+    assert backward_syncs == 0
+    # The same through torch's sync debug mode, which raises at a synchronizing call.
+    out = ops.gather_project(table, index, weight, bias, scale=1 / 255)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(out, (weight, bias), grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -47,18 +47,18 @@ void gather_rows_cpu(const at::Tensor& table, const at::Tensor& rows, int64_t co
   });
 }
 
-at::Tensor gather_project_cpu(const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias, double scale, double shift) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_cpu(const at::Tensor& table, const at::Tensor& index,
+                                                                  const at::Tensor& weight,
+                                                                  const c10::optional<at::Tensor>& bias, double scale,
+                                                                  double shift) {
   return gather_project_forward_impl(table, index, weight, bias, scale, shift, gather_rows_cpu, kCpuBlockElems,
                                      /*parallel_blocks=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_cpu(const at::Tensor& grad_out,
-                                                                           const at::Tensor& table,
-                                                                           const at::Tensor& index,
-                                                                           const at::Tensor& weight, double scale,
-                                                                           double shift, bool table_requires_grad) {
-  return gather_project_backward_impl(grad_out, table, index, weight, scale, shift, table_requires_grad,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& table, const at::Tensor& rows, const at::Tensor& slot_to_row,
+    const at::Tensor& weight, double scale, double shift, bool table_requires_grad) {
+  return gather_project_backward_impl(grad_out, table, rows, slot_to_row, weight, scale, shift, table_requires_grad,
                                       gather_rows_cpu, kCpuBlockElems, /*parallel_blocks=*/true);
 }
 

@@ -26,11 +26,13 @@ constexpr int64_t kMaxGridY = 65535;
 // coalesced whenever the table is row-major.
 template <typename in_t, typename acc_t>
 __global__ void gather_rows_kernel(const in_t* __restrict__ table, int64_t row_stride, int64_t col_stride,
-                                   const int64_t* __restrict__ rows, int64_t n_rows, int64_t col0, int64_t cols,
-                                   acc_t scale, acc_t shift, acc_t* __restrict__ buf) {
+                                   const int64_t* __restrict__ rows, int64_t n_rows, int64_t n_table_rows,
+                                   int64_t col0, int64_t cols, acc_t scale, acc_t shift, acc_t* __restrict__ buf) {
   const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t u = blockIdx.y; u < n_rows; u += gridDim.y) {
-    const in_t* in = table + rows[u] * row_stride + col0 * col_stride;
+    const int64_t row = rows[u];
+    CUDA_KERNEL_ASSERT(row >= 0 && row < n_table_rows);
+    const in_t* in = table + row * row_stride + col0 * col_stride;
     acc_t* out = buf + u * cols;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < cols; j += col_step)
       out[j] = mul_rn(static_cast<acc_t>(in[j * col_stride]), scale) + shift;
@@ -44,11 +46,13 @@ void gather_rows_typed(const at::Tensor& table, const at::Tensor& rows, int64_t 
   if (n_rows == 0 || cols == 0) return;
   TORCH_INTERNAL_ASSERT(buf.is_contiguous() && buf.numel() == n_rows * cols);
   const auto row_ids = rows.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t n_table_rows = table.size(0);
   const int64_t col_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, 1024);
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min(n_rows, kMaxGridY)));
-  gather_rows_kernel<in_t, acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  gather_rows_kernel<in_t, acc_t><<<grid, kThreads, 0, stream>>>(
       table.const_data_ptr<in_t>(), table.stride(0), table.stride(1), row_ids.const_data_ptr<int64_t>(), n_rows,
-      col0, cols, scale, shift, buf.mutable_data_ptr<acc_t>());
+      n_table_rows, col0, cols, scale, shift, buf.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -64,8 +68,10 @@ void gather_rows_cuda(const at::Tensor& table, const at::Tensor& rows, int64_t c
   });
 }
 
-at::Tensor gather_project_cuda(const at::Tensor& table, const at::Tensor& index, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, double scale, double shift) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_cuda(const at::Tensor& table, const at::Tensor& index,
+                                                                   const at::Tensor& weight,
+                                                                   const c10::optional<at::Tensor>& bias,
+                                                                   double scale, double shift) {
   // Checked before the guard, so that a CPU tensor gets the device message
   // rather than a failed guard.
   check_gather_project(table, index, weight, bias);
@@ -73,15 +79,13 @@ at::Tensor gather_project_cuda(const at::Tensor& table, const at::Tensor& index,
   return gather_project_forward_impl(table, index, weight, bias, scale, shift, gather_rows_cuda, kCudaBlockElems);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_cuda(const at::Tensor& grad_out,
-                                                                            const at::Tensor& table,
-                                                                            const at::Tensor& index,
-                                                                            const at::Tensor& weight, double scale,
-                                                                            double shift, bool table_requires_grad) {
-  check_gather_project(table, index, weight, c10::nullopt);
-  check_same_device("gather_project_backward", "grad_out", grad_out, table, "table");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_project_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& table, const at::Tensor& rows, const at::Tensor& slot_to_row,
+    const at::Tensor& weight, double scale, double shift, bool table_requires_grad) {
+  check_gather_table_weight("gather_project_backward", table, weight);
+  check_gather_plan("gather_project_backward", rows, slot_to_row, table, grad_out, weight.size(0));
   const c10::cuda::CUDAGuard guard(table.device());
-  return gather_project_backward_impl(grad_out, table, index, weight, scale, shift, table_requires_grad,
+  return gather_project_backward_impl(grad_out, table, rows, slot_to_row, weight, scale, shift, table_requires_grad,
                                       gather_rows_cuda, kCudaBlockElems);
 }
 

@@ -140,19 +140,33 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-Tensor gather_project(const Tensor& table, const Tensor& index, const Tensor& weight, const OptTensor& bias,
-                      double scale, double shift) {
-  static auto h = op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, double)>(
+// (out, rows, slot_to_row): the projection and the plan it used.
+Tensor3 gather_project_planned(const Tensor& table, const Tensor& index, const Tensor& weight, const OptTensor& bias,
+                               double scale, double shift) {
+  static auto h = op<Tensor3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, double, double)>(
       "giblet::gather_project");
   return h.call(table, index, weight, bias, scale, shift);
 }
 
+Tensor gather_project(const Tensor& table, const Tensor& index, const Tensor& weight, const OptTensor& bias,
+                      double scale, double shift) {
+  return std::get<0>(gather_project_planned(table, index, weight, bias, scale, shift));
+}
+
+Tensor3 gather_project_backward_planned(const Tensor& grad_out, const Tensor& table, const Tensor& rows,
+                                        const Tensor& slot_to_row, const Tensor& weight, double scale, double shift,
+                                        bool table_requires_grad) {
+  static auto h = op<Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double,
+                             bool)>("giblet::gather_project_backward");
+  return h.call(grad_out, table, rows, slot_to_row, weight, scale, shift, table_requires_grad);
+}
+
+// The backward as autograd runs it: with the plan of a forward call on the same index.
 Tensor3 gather_project_backward(const Tensor& grad_out, const Tensor& table, const Tensor& index, const Tensor& weight,
                                 double scale, double shift, bool table_requires_grad) {
-  static auto h =
-      op<Tensor3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, double, bool)>(
-          "giblet::gather_project_backward");
-  return h.call(grad_out, table, index, weight, scale, shift, table_requires_grad);
+  auto planned = gather_project_planned(table, index, weight, std::nullopt, scale, shift);
+  return gather_project_backward_planned(grad_out, table, std::get<1>(planned), std::get<2>(planned), weight, scale,
+                                         shift, table_requires_grad);
 }
 
 Tensor grid_index(int64_t n_samples, double rate, const Tensor& onsets, double window, int64_t n_out) {
@@ -297,6 +311,14 @@ void test_gather_project() {
               ref_gather_project(table, index, weight, bias, scale, shift), at::kFloat, 1e-5, 1e-5);
   check_zero("gather_project empty slots (-1) are exactly 0 despite bias",
              out.masked_select(index.eq(-1).unsqueeze(-1)));
+  {
+    // The plan returned next to the projection: sorted unique rows, and 1 + each slot's position in them.
+    auto planned = gather_project_planned(table, index, weight, bias, scale, shift);
+    check_equal("gather_project plan: rows are the sorted unique rows named", std::get<1>(planned),
+                longs({0, 2, 5}, {3}));
+    check_equal("gather_project plan: slot_to_row is 1 + the position in rows, 0 for an empty slot",
+                std::get<2>(planned), longs({2, 2, 0, 3, 3, 2, 1, 0}, {2, 4}));
+  }
 
   auto weight64 = weight.to(at::kDouble);
   auto bias64 = bias.to(at::kDouble);
@@ -377,9 +399,24 @@ void test_gather_project() {
   expect_error("gather_project index below -1 is rejected",
                [&] { gather_project(table, longs({0, -2}, {1, 2}), weight, bias, 1, 0); },
                {"index holds -2", "position (0, 1)", "T=7"});
-  expect_error("gather_project_backward index out of range",
-               [&] { gather_project_backward(at::randn({1, 2, P}), table, longs({7, 0}, {1, 2}), weight, 1, 0, false); },
-               {"index holds 7", "T=7"});
+  expect_error("gather_project_backward: a plan row out of range",
+               [&] {
+                 gather_project_backward_planned(at::randn({1, 2, P}), table, longs({0, 7}, {2}), longs({1, 2}, {1, 2}),
+                                                 weight, 1, 0, false);
+               },
+               {"gather_project_backward: rows holds 7", "T=7", "the rows that gather_project returned"});
+  expect_error("gather_project_backward: a slot_to_row entry out of range",
+               [&] {
+                 gather_project_backward_planned(at::randn({1, 2, P}), table, longs({0, 3}, {2}), longs({3, 0}, {1, 2}),
+                                                 weight, 1, 0, false);
+               },
+               {"gather_project_backward: slot_to_row holds 3", "U=2"});
+  expect_error("gather_project_backward: grad_out of the wrong shape",
+               [&] {
+                 gather_project_backward_planned(at::randn({2, 1, P}), table, longs({0, 3}, {2}), longs({1, 2}, {1, 2}),
+                                                 weight, 1, 0, false);
+               },
+               {"grad_out has shape [2, 1, 3]; expected (1, 2, 3)"});
   expect_error("gather_project int32 index", [&] { gather_project(table, index.to(at::kInt), weight, bias, 1, 0); },
                {"index must be int64"});
   expect_error("gather_project 1-D index", [&] { gather_project(table, index.reshape(-1), weight, bias, 1, 0); },
