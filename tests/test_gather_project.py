@@ -329,7 +329,72 @@ def test_backward_rejects_a_plan_that_is_not_the_forward_one():
         backward(grad_out, table, torch.tensor([3, 4], dtype=torch.int32), torch.tensor([[1, 2]]), weight, 1.0, 0.0, False)
 
 
+# --------------------------------------------------------------------------- CUDA: the vectorised uint8 gather
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test skipped: no CUDA GPU on this machine")
+
+
+def scalar_path_copy(table):
+    """The same values with column stride T: the CUDA gather then reads one byte per thread."""
+    copy = table.t().contiguous().t()
+    assert copy.stride(1) != 1 and torch.equal(copy, table)
+    return copy
+
+
+def uint8_view(rows, dim, row_stride, offset, device):
+    """A (rows, dim) uint8 table at `offset` bytes into its storage, rows `row_stride` bytes apart."""
+    storage = torch.randint(0, 256, (offset + rows * row_stride,), dtype=torch.uint8, device=device)
+    return storage.as_strided((rows, dim), (row_stride, 1), offset)
+
+
+@cuda_only
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "dim, row_stride, offset",
+    [
+        (64, 64, 0),  # 16 bytes per thread
+        (96, 96, 16),
+        (100, 100, 0),  # 4 bytes per thread, 100 = 6 x 16 + 4
+        (61, 64, 0),  # 16-byte rows, 61 columns: vector part + scalar tail, unaligned output rows
+        (61, 61, 0),  # odd row stride: scalar path
+        (64, 64, 3),  # misaligned start: scalar path
+        (64, 68, 4),  # 4-byte aligned only
+        (1000, 1000, 8),  # 8-byte aligned start: 4 bytes per thread
+        (1037, 1040, 32),
+    ],
+)
+def test_vectorised_uint8_gather_is_bit_identical(weight_dtype, dim, row_stride, offset):
+    assert not torch.backends.cuda.matmul.allow_tf32  # the identity projection below must be exact
+    table = uint8_view(300, dim, row_stride, offset, "cuda")
+    index = make_index(7, 13, 300, "cuda")
+    scale, shift = 1 / 255, -0.5
+    # An identity projection gives the dequantized rows themselves, exactly: each output is one
+    # product by 1 plus products by 0.
+    eye = torch.eye(dim, dtype=weight_dtype, device="cuda")
+    out = ops.gather_project(table, index, eye, scale=scale, shift=shift)
+    rows = table[index.clamp(min=0)].to(weight_dtype) * scale + shift
+    expected = torch.where((index >= 0).unsqueeze(-1), rows, torch.zeros((), dtype=weight_dtype, device="cuda"))
+    assert torch.equal(out, expected)
+    assert torch.equal(out, ops.gather_project(scalar_path_copy(table), index, eye, scale=scale, shift=shift))
+
+
+@cuda_only
+@pytest.mark.parametrize("dim", [20016, 20004, 20001])
+def test_vectorised_uint8_gather_over_several_column_blocks(dim):
+    # 2,000 unique rows x ~20,000 columns: two column blocks of the CUDA buffer (32 M elements),
+    # the second starting at column 16,768. Forward and gradients are bit-identical to the
+    # one-byte-per-thread path on the same values.
+    table = torch.randint(0, 256, (2500, dim), dtype=torch.uint8, device="cuda")
+    index = torch.randperm(2500, device="cuda")[:2000].reshape(40, 50)
+    index[0, :5] = -1
+    weight = (torch.randn(8, dim, device="cuda") * 0.01).requires_grad_(True)
+    bias = torch.randn(8, device="cuda", requires_grad=True)
+    results = []
+    for t in (table, scalar_path_copy(table)):
+        out = ops.gather_project(t, index, weight, bias, scale=1 / 255, shift=0.1)
+        results.append((out, *torch.autograd.grad(out, (weight, bias), torch.ones_like(out))))
+    for vectorised, scalar in zip(*results):
+        assert torch.equal(vectorised, scalar)
 
 
 @cuda_only

@@ -8,6 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../gather_project.h"
 #include "launch.cuh"
@@ -23,7 +26,8 @@ constexpr int64_t kMaxGridY = 65535;
 
 // buf[u, j] = table[rows[u], col0 + j] * scale + shift. blockIdx.y walks the
 // rows, blockIdx.x and the threads the columns, so reads of a row are
-// coalesced whenever the table is row-major.
+// coalesced whenever the table is row-major. One element per thread: the
+// path of every table that gather_rows_u8_kernel does not take.
 template <typename in_t, typename acc_t>
 __global__ void gather_rows_kernel(const in_t* __restrict__ table, int64_t row_stride, int64_t col_stride,
                                    const int64_t* __restrict__ rows, int64_t n_rows, int64_t n_table_rows,
@@ -39,6 +43,72 @@ __global__ void gather_rows_kernel(const in_t* __restrict__ table, int64_t row_s
   }
 }
 
+// 16 bytes of acc_t at p (16-byte aligned): one vector store.
+__device__ __forceinline__ void store16(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store16(double* p, const double* v) {
+  *reinterpret_cast<double2*>(p) = make_double2(v[0], v[1]);
+}
+
+// The uint8 gather with VEC (4 or 16) bytes per thread: one 32-bit or 128-bit
+// load of VEC consecutive columns, and 16-byte stores when aligned_out. Needs
+// every row's first column (table + row * row_stride + col0) aligned to VEC
+// bytes and unit column stride; the last cols % VEC columns take one element
+// per thread. Each value is computed as in gather_rows_kernel (a rounded
+// multiply, then an add): the buffer is bit-identical to the scalar path's.
+template <int VEC, typename acc_t>
+__global__ void gather_rows_u8_kernel(const uint8_t* __restrict__ table, int64_t row_stride,
+                                      const int64_t* __restrict__ rows, int64_t n_rows, int64_t n_table_rows,
+                                      int64_t col0, int64_t cols, acc_t scale, acc_t shift, bool aligned_out,
+                                      acc_t* __restrict__ buf) {
+  static_assert(VEC == 4 || VEC == 16, "VEC is 4 or 16 bytes");
+  using word_t = std::conditional_t<VEC == 16, uint4, uint32_t>;
+  constexpr int kWords = VEC / 4;
+  constexpr int kPerStore = 16 / static_cast<int>(sizeof(acc_t));
+  const int64_t n_vec = cols / VEC;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t col_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t u = blockIdx.y; u < n_rows; u += gridDim.y) {
+    const int64_t row = rows[u];
+    CUDA_KERNEL_ASSERT(row >= 0 && row < n_table_rows);
+    const uint8_t* in = table + row * row_stride + col0;
+    acc_t* out = buf + u * cols;
+    for (int64_t v = first; v < n_vec; v += col_step) {
+      const word_t loaded = *reinterpret_cast<const word_t*>(in + v * VEC);
+      uint32_t words[kWords];
+      static_assert(sizeof(words) == sizeof(word_t), "one load fills the words");
+      memcpy(words, &loaded, sizeof(words));
+      acc_t values[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)  // little-endian: byte k of the load is column v * VEC + k
+        values[k] = mul_rn(static_cast<acc_t>((words[k / 4] >> (8 * (k % 4))) & 0xFFu), scale) + shift;
+      acc_t* dst = out + v * VEC;
+      if (aligned_out) {
+#pragma unroll
+        for (int q = 0; q < VEC / kPerStore; ++q) store16(dst + q * kPerStore, values + q * kPerStore);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) dst[k] = values[k];
+      }
+    }
+    for (int64_t j = n_vec * VEC + first; j < cols; j += col_step)
+      out[j] = mul_rn(static_cast<acc_t>(in[j]), scale) + shift;
+  }
+}
+
+// Bytes per thread the uint8 gather can read at once: 16 or 4 when every
+// row's first column is aligned to it, else 1 (the scalar kernel).
+inline int u8_vector_width(const at::Tensor& table, int64_t col0) {
+  if (table.stride(1) != 1 && table.size(1) > 1) return 1;
+  const auto base = reinterpret_cast<uintptr_t>(table.const_data_ptr<uint8_t>()) + static_cast<uintptr_t>(col0);
+  const int64_t row_stride = table.size(0) > 1 ? table.stride(0) : 0;
+  for (int width : {16, 4}) {
+    if (base % width == 0 && row_stride % width == 0) return width;
+  }
+  return 1;
+}
+
 template <typename in_t, typename acc_t>
 void gather_rows_typed(const at::Tensor& table, const at::Tensor& rows, int64_t col0, int64_t cols, acc_t scale,
                        acc_t shift, at::Tensor& buf) {
@@ -48,6 +118,30 @@ void gather_rows_typed(const at::Tensor& table, const at::Tensor& rows, int64_t 
   const auto row_ids = rows.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t n_table_rows = table.size(0);
+  if constexpr (std::is_same_v<in_t, uint8_t>) {
+    const int width = u8_vector_width(table, col0);
+    if (width > 1) {
+      acc_t* out = buf.mutable_data_ptr<acc_t>();
+      const bool aligned_out =
+          reinterpret_cast<uintptr_t>(out) % 16 == 0 && (cols * static_cast<int64_t>(sizeof(acc_t))) % 16 == 0;
+      const int64_t threads = std::max<int64_t>(cols / width, 1);
+      const int64_t col_blocks = std::min<int64_t>((threads + kThreads - 1) / kThreads, 1024);
+      const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min(n_rows, kMaxGridY)));
+      const int64_t row_stride = table.size(0) > 1 ? table.stride(0) : 0;
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(table.const_data_ptr<uint8_t>(), row_stride,
+                                              row_ids.const_data_ptr<int64_t>(), n_rows, n_table_rows, col0, cols,
+                                              scale, shift, aligned_out, out);
+      };
+      if (width == 16) {
+        launch(gather_rows_u8_kernel<16, acc_t>);
+      } else {
+        launch(gather_rows_u8_kernel<4, acc_t>);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   const int64_t col_blocks = std::min<int64_t>((cols + kThreads - 1) / kThreads, 1024);
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::min(n_rows, kMaxGridY)));
   gather_rows_kernel<in_t, acc_t><<<grid, kThreads, 0, stream>>>(
