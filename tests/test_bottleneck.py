@@ -137,3 +137,30 @@ def test_backward_rejects_a_pre_activation_of_the_wrong_shape():
     x, weight, grad_out = torch.zeros(4, 8), torch.zeros(5, 8), torch.zeros(4, 5)
     with pytest.raises(RuntimeError, match=r"pre has shape \[4, 4\]; expected \(4, 5\), the pre-activation that bottleneck returned"):
         torch.ops.giblet.bottleneck_backward(grad_out, x, weight, torch.zeros(4, 4), None, "gelu", True)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_identity_without_mask_is_the_linear_layer(device, with_bias, dtype, batch):
+    # The bias is added by the GEMM (addmm); with identity and nothing lesioned nothing else runs.
+    x, weight, bias = leaves(batch, 24, 31, dtype, device, with_bias=with_bias)
+    out, grads = forward_backward(ops.bottleneck, x, weight, bias, None, "identity")
+    ref_out, ref_grads = forward_backward(ref.bottleneck, x, weight, bias, None, "identity")
+    atol, rtol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == (batch, 31)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10)
+    _, pre = torch.ops.giblet.bottleneck(x, weight, bias, None, "identity")
+    assert pre.shape == (0,)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_pre_activation_holds_the_bias_and_zero_for_lesioned_units(device, batch):
+    x, weight, bias = leaves(batch, 12, 9, torch.float64, device)
+    mask = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool, device=device)
+    out, pre = torch.ops.giblet.bottleneck(x, weight, bias, mask, "tanh")
+    expected = torch.where(mask, x @ weight.t() + bias, torch.zeros((), dtype=torch.float64, device=device))
+    torch.testing.assert_close(pre, expected)
+    torch.testing.assert_close(out, torch.tanh(expected))

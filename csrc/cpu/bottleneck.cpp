@@ -266,8 +266,10 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_gemm_forward(const at::Tensor& x, 
                                                            const c10::optional<at::Tensor>& bias,
                                                            const c10::optional<at::Tensor>& mask, Activation act) {
   const auto ct = compute_dtype(x.scalar_type());
-  auto z = at::mm(x.to(ct), weight.to(ct).t());
-  if (bias.has_value() && bias->defined()) z.add_(bias->to(ct));
+  const auto x_c = x.to(ct);
+  const auto w_t = weight.to(ct).t();
+  // The bias is added by the GEMM (addmm), not by a second pass over z.
+  auto z = bias.has_value() && bias->defined() ? at::addmm(bias->to(ct), x_c, w_t) : at::mm(x_c, w_t);
   at::Tensor y;
   switch (act) {
     case Activation::gelu: y = at::gelu(z); break;

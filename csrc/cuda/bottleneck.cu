@@ -1,10 +1,12 @@
 // CUDA kernel of bottleneck: out = act(x @ weight^T + bias) * mask.
 //
 // Unlike the CPU kernel, which streams only the kept weight rows, the GPU runs
-// one cuBLAS GEMM over all V rows in the compute dtype and one fused epilogue:
-// skipping lesioned rows would need a gather of weight that costs more than
-// the multiply it saves. The epilogue gives lesioned units exactly 0 in both
-// `out` and `pre`, as the CPU streaming kernel does.
+// one cuBLAS GEMM over all V rows in the compute dtype, the bias added by the
+// GEMM itself (addmm), then one fused epilogue for the activation and the
+// lesion mask (none at all for identity without a mask): skipping lesioned
+// rows would need a gather of weight that costs more than the multiply it
+// saves. The epilogue gives lesioned units exactly 0 in both `out` and `pre`,
+// as the CPU streaming kernel does.
 // Backward: one fused elementwise kernel for grad_pre, then two GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -70,24 +72,20 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
-// z (B, V) holds x @ weight^T on entry. Writes out = act(z + bias) (0 where
-// the unit is lesioned) in the input dtype and, unless identity, leaves
-// pre = z + bias (0 where lesioned) in z.
+// z (B, V) holds pre = x @ weight^T + bias on entry (the bias added by the
+// GEMM). Writes out = act(pre) (0 where the unit is lesioned) in the input
+// dtype and, unless identity, zeroes pre in place for lesioned units.
 template <Activation ACT, typename scalar_t, typename acc_t>
-__global__ void bottleneck_epilogue_kernel(acc_t* __restrict__ z, const acc_t* __restrict__ bias,
-                                           const bool* __restrict__ keep, scalar_t* __restrict__ out, int64_t n,
-                                           int64_t V) {
+__global__ void bottleneck_epilogue_kernel(acc_t* __restrict__ z, const bool* __restrict__ keep,
+                                           scalar_t* __restrict__ out, int64_t n, int64_t V) {
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = idx % V;
-    if (keep != nullptr && !keep[v]) {
+    if (keep != nullptr && !keep[idx % V]) {
       out[idx] = static_cast<scalar_t>(acc_t(0));
       if constexpr (ACT != Activation::identity) z[idx] = acc_t(0);
       continue;
     }
-    const acc_t pre = bias != nullptr ? z[idx] + bias[v] : z[idx];
-    out[idx] = static_cast<scalar_t>(activate<ACT>(pre));
-    if constexpr (ACT != Activation::identity) z[idx] = pre;
+    out[idx] = static_cast<scalar_t>(activate<ACT>(z[idx]));
   }
 }
 
@@ -117,13 +115,20 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cuda(const at::Tensor& x, const at
   const auto ct = compute_dtype(x.scalar_type());
   const int64_t B = x.size(0), V = weight.size(0);
 
-  // (B, V) in the compute dtype; becomes `pre` in place.
-  auto z = at::mm(x.to(ct), weight.to(ct).t()).contiguous();
-  auto out = at::empty({B, V}, x.options());
-  at::Tensor bias_c, keep;
-  if (bias.has_value() && bias->defined()) bias_c = bias->to(ct).contiguous();
-  if (mask.has_value() && mask->defined()) keep = mask->contiguous();
+  // pre (B, V) in the compute dtype, the bias added by the GEMM (cuBLASLt's bias
+  // epilogue where torch uses it) instead of by a kernel of its own.
+  const auto x_c = x.to(ct);
+  const auto w_t = weight.to(ct).t();
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto z = (has_bias ? at::addmm(bias->to(ct), x_c, w_t) : at::mm(x_c, w_t)).contiguous();
+  const bool has_mask = mask.has_value() && mask->defined();
+  auto pre = act == Activation::identity ? at::empty({0}, z.options()) : z;
+  // Identity, nothing lesioned: the GEMM's result is the output.
+  if (act == Activation::identity && !has_mask) return {z.to(x.scalar_type()), pre};
 
+  auto out = at::empty({B, V}, x.options());
+  at::Tensor keep;
+  if (has_mask) keep = mask->contiguous();
   const int64_t n = B * V;
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bottleneck_cuda", [&] {
@@ -131,13 +136,12 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cuda(const at::Tensor& x, const at
       with_activation(act, [&](auto tag) {
         constexpr Activation A = decltype(tag)::value;
         bottleneck_epilogue_kernel<A, scalar_t, acc_t><<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            z.mutable_data_ptr<acc_t>(), bias_c.defined() ? bias_c.const_data_ptr<acc_t>() : nullptr,
-            keep.defined() ? keep.const_data_ptr<bool>() : nullptr, out.mutable_data_ptr<scalar_t>(), n, V);
+            z.mutable_data_ptr<acc_t>(), keep.defined() ? keep.const_data_ptr<bool>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(), n, V);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  auto pre = act == Activation::identity ? at::empty({0}, z.options()) : z;
   return {out, pre};
 }
 
