@@ -5,7 +5,8 @@
 For each variant of the gather_project and bottleneck cases of ``giblet bench`` (forward + backward), after 3
 warm-up calls: the host time to issue one call (20 calls without waiting for the device), the time per call
 when the device is waited for only at the end (asynchronous) and after every call (synchronised), and the
-profiler's table of the 8 costliest operators and kernels over 5 calls. On a GPU a variant whose issue time is
+profiler's table of the 8 costliest operators and kernels over 5 calls (on a GPU, also the 12 entries of most host
+time: launches, and waits such as cudaStreamSynchronize). On a GPU a variant whose issue time is
 close to its asynchronous time is bound by the host (Python, launches, synchronisations), not by its kernels.
 """
 
@@ -51,6 +52,10 @@ def main(device_name: str = "cuda", size: str = "sherlock") -> None:
             print(f"== {name} / {variant.name}: issue {issued * 1e3:.3f} ms/call, asynchronous {asynchronous * 1e3:.3f} "
                   f"ms/call, synchronised {synchronised * 1e3:.3f} ms/call", flush=True)
             print(profiled.key_averages().table(sort_by=sort_key, row_limit=8, max_name_column_width=60), flush=True)
+            if cuda:
+                # Where the host's own time goes (launches, waits such as cudaStreamSynchronize).
+                print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                                    max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":
