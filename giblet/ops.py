@@ -90,8 +90,13 @@ def _gather_project_fake(table, index, weight, bias, scale, shift):
     torch._check(index.dim() == 2, lambda: f"gather_project: index must be 2-D (B, S), got {tuple(index.shape)}")
     torch._check(weight.dim() == 2, lambda: f"gather_project: weight must be 2-D (P, D), got {tuple(weight.shape)}")
     out = weight.new_empty((index.shape[0], index.shape[1], weight.shape[0]))
-    # The plan: the number of unique rows depends on the values of index.
-    n_unique = torch.library.get_ctx().new_dynamic_size()
+    # The plan: the number of unique rows depends on the values of index. Plain meta tensors (shapes
+    # only, e.g. a model built under torch.device("meta")) have no data-dependent sizes: there it
+    # takes its upper bound, one row per slot.
+    if index.device.type == "meta":
+        n_unique = index.numel()
+    else:
+        n_unique = torch.library.get_ctx().new_dynamic_size()
     rows = index.new_empty((n_unique,), dtype=torch.int64)
     slot_to_row = index.new_empty(index.shape, dtype=torch.int64)
     return out, rows, slot_to_row

@@ -289,6 +289,20 @@ def test_empty_index(device, shape):
     assert torch.equal(grad_weight, torch.zeros_like(grad_weight)) and torch.equal(grad_bias, torch.zeros_like(grad_bias))
 
 
+def test_meta_tensors_give_the_shapes():
+    # Under torch.device("meta") (model summaries) the fake kernel runs as the meta kernel: no data,
+    # so the plan's row count takes its upper bound, one row per slot.
+    with torch.device("meta"):
+        table = torch.empty(10, 4, dtype=torch.uint8)
+        index = torch.empty(3, 5, dtype=torch.int64)
+        weight = torch.empty(6, 4, requires_grad=True)
+    out, rows, slot_to_row = torch.ops.giblet.gather_project(table, index, weight, None, 1.0, 0.0)
+    assert out.device.type == "meta" and out.shape == (3, 5, 6)
+    assert rows.shape == (15,) and slot_to_row.shape == (3, 5)
+    (grad_weight,) = torch.autograd.grad(ops.gather_project(table, index, weight).sum(), (weight,))
+    assert grad_weight.device.type == "meta" and grad_weight.shape == (6, 4)
+
+
 def test_backward_with_the_plan_matches_the_reference(device):
     # The backward op called directly with the forward's plan, against autograd through the reference.
     table = make_table(50, 40, torch.float64, device)
