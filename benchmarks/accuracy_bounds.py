@@ -10,6 +10,12 @@ noise-free signal itself against the test group mean, what ``giblet evaluate`` r
   the same kernel ridge as ``giblet evaluate``'s baseline: a linear model that needs no feature learning;
   then per kind of signal region, that ridge and one on the kind's own modality alone (a mixed region has two
   or three modalities, so it gets the first line only);
+- the same ridge on the truth's features at the fine time step convolved with the canonical HRF the data
+  were made with (no delays to estimate), and on the exact noise-free responses of every neural unit: what a
+  model that knew the features, or the units themselves, would score with this many training TRs;
+- ``giblet evaluate``'s ridge baseline on its own fixed features (coarse frames, mel, mean text embedding per
+  TR) with FIR delays, and the same features convolved with the canonical HRF instead (one weight per feature
+  rather than one per delay): the linear encoding model that a learned one has to beat;
 - least squares from the k leading components of the noise-free signal (computed over the whole movie, so
   they are the exact response space), fit per voxel on the training TRs: a perfect shared representation read
   out by a k-wide linear layer, which shows what the width in front of layer 7 costs with this many training TRs.
@@ -17,14 +23,19 @@ noise-free signal itself against the test group mean, what ``giblet evaluate`` r
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy.signal import lfilter
 
+from giblet.data import synth
+from giblet.data.alignment import convolve_hrf, hrf_value
 from giblet.data.store import open_store
-from giblet.eval.evaluate import ridge_baseline
+from giblet.eval.evaluate import ridge_baseline, tr_features
 from giblet.eval.metrics import pearson_r
 
 
@@ -52,6 +63,32 @@ def main(data: Path, store_path: Path) -> None:
     ridge = ridge_baseline(store, true_features[first : first + n].astype(np.float64), delays, group)
     r_all = pearson_r(ridge, tested)
     print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {r_all[carries].mean() / ceiling:.3f}")
+
+    about = json.loads((truth / "truth.json").read_text())
+    world = synth._build_world(synth.SynthPreset(**about["preset_sizes"]), int(about["seed"]))
+    preset, fine = world.preset, world.fine_features
+    steps = int(round(preset.tr_s / synth.FINE_STEP_S))
+    middles = (np.arange(preset.scan_trs) * steps + steps // 2)[first : first + n]
+
+    def bold(activity: np.ndarray) -> np.ndarray:
+        return convolve_hrf(activity, synth.FINE_STEP_S, synth.HRF_KIND)[middles]
+
+    linear = bold(np.concatenate([fine[m] for m in synth.MODALITIES], axis=1))
+    print(f"  ridge on the truth's features through the true HRF: {fraction(ridge_baseline(store, linear, 0, group)):.3f}")
+    k = preset.units_per_region
+    units = np.concatenate([bold(synth._unit_activity(preset, fine, world.units, region * k + np.arange(k)))
+                            for region, kind in enumerate(world.region_kinds) if kind != "noise"], axis=1)
+    print(f"  ridge on the exact responses of the {units.shape[1]} neural units: "
+          f"{fraction(ridge_baseline(store, units, 0, group)):.3f}")
+
+    fixed = tr_features(store, torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(store.frames())).permute(0, 3, 1, 2).float(), size=(18, 32), mode="area"
+    ).to(torch.uint8))
+    print(f"  the baseline's fixed features ({fixed.shape[1]}), {delays + 1} FIR delays: "
+          f"{fraction(ridge_baseline(store, fixed, delays, group)):.3f}")
+    kernel = hrf_value(np.arange(0.0, 20.0, store.tr_s), synth.HRF_KIND)
+    convolved = lfilter(kernel / kernel.max(), [1.0], fixed, axis=0)
+    print(f"  the same features through the canonical HRF: {fraction(ridge_baseline(store, convolved, 0, group)):.3f}")
 
     kinds = np.load(truth / "tuning.npz")["region_kind"]
     for kind in sorted(set(kinds[carries].tolist())):
