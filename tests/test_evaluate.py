@@ -64,6 +64,8 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     for key in ("mean_r", "median_r", "mean_r_subject", "noise_ceiling_mean", "noise_normalized_r", "n_voxels", "test_trs"):
         assert key in metrics, key
     assert np.isfinite(metrics["baselines"]["ridge"]["mean_r"])
+    # The same features through the canonical HRF the run's settings name, instead of FIR delays.
+    assert np.isfinite(metrics["baselines"]["ridge_hrf"]["mean_r"]) and metrics["baselines"]["ridge_hrf"]["hrf"] == "glover"
     start, stop = tiny_store.splits["test"]
     assert metrics["test_trs"] == [start, stop] and metrics["n_voxels"] == tiny_store.n_voxels
     mask, affine = tiny_store.mask()
@@ -85,7 +87,8 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     # The noise-free signal against the measured group mean on the test TRs: near the expected ceiling if the
     # TRs line up (a one-TR shift of a 1.5 s TR series drops it well below).
     assert truth["true_signal_r"] > 0.5 and abs(truth["true_signal_r"] - truth["noise_ceiling"]) < 0.15
-    assert truth["ridge"]["mean_r"] > max(0.05, truth["ridge"]["mean_r_noise_voxels"] + 0.03)  # tiny has few test TRs
+    for name in ("ridge", "ridge_hrf"):  # tiny has few test TRs
+        assert truth[name]["mean_r"] > max(0.05, truth[name]["mean_r_noise_voxels"] + 0.03), name
     assert truth["model"]["fraction_of_ceiling"] == pytest.approx(truth["model"]["mean_r"] / truth["true_signal_r"])
     assert "fraction of the ceiling" in result.output
     # Per kind of signal region: the kinds the truth has, every signal voxel once, and the overall mean as
@@ -94,12 +97,12 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     by_kind = truth["by_kind"]
     assert set(by_kind) == set(kinds[signal.std(axis=0) > 0].tolist()) and "noise" not in by_kind
     assert sum(entry["voxels"] for entry in by_kind.values()) == truth["signal_voxels"]
-    for name in ("model", "ridge"):
+    for name in ("model", "ridge", "ridge_hrf"):
         weighted = sum(entry["voxels"] * entry[name]["mean_r"] for entry in by_kind.values()) / truth["signal_voxels"]
         assert weighted == pytest.approx(truth[name]["mean_r"], abs=1e-5)
         for entry in by_kind.values():
             assert entry[name]["fraction_of_ceiling"] == pytest.approx(entry[name]["mean_r"] / entry["true_signal_r"])
-    assert "auditory (" in result.output and "fraction, model / ridge" in result.output
+    assert "auditory (" in result.output and "fraction, model / ridge / ridge_hrf" in result.output
     # r against the noise-free signal on the signal voxels, from the written prediction.
     first = int(tiny_store.manifest["alignment"]["first_tr"])
     carries = signal.std(axis=0) > 0

@@ -210,20 +210,29 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
         "ceiling_floor": CEILING_FLOOR,
         "baselines": {},
     }
-    if baseline == "ridge":
-        features = tr_features(store, model.stimuli.small_frames)
-        delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
-        ridge = ridge_baseline(store, features, delays, np.asarray(store.fmri_mean(), dtype=np.float32), split)
-        ridge_r = pearson_r(ridge, group)
-        metrics["baselines"]["ridge"] = {
-            "mean_r": float(ridge_r.mean()),
-            "median_r": float(np.median(ridge_r)),
-            "features": int(features.shape[1]),
-            "fir_delays_trs": delays,
-        }
     scores, predictions = {"model": r}, {"model": prediction}
     if baseline == "ridge":
-        scores["ridge"], predictions["ridge"] = ridge_r, ridge
+        from giblet.data.alignment import convolve_hrf
+
+        features = tr_features(store, model.stimuli.small_frames)
+        delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
+        everything = np.asarray(store.fmri_mean(), dtype=np.float32)
+        # The FIR ridge learns a time course per feature; the HRF ridge assumes the canonical one (one weight
+        # per feature): with few training TRs the second is often the stronger linear model.
+        fits = {
+            "ridge": (ridge_baseline(store, features, delays, everything, split), {"fir_delays_trs": delays}),
+            "ridge_hrf": (ridge_baseline(store, convolve_hrf(features, store.tr_s, config.alignment.hrf), 0, everything, split),
+                          {"hrf": config.alignment.hrf}),
+        }
+        for name, (fitted, about) in fits.items():
+            fitted_r = pearson_r(fitted, group)
+            metrics["baselines"][name] = {
+                "mean_r": float(fitted_r.mean()),
+                "median_r": float(np.median(fitted_r)),
+                "features": int(features.shape[1]),
+                **about,
+            }
+            scores[name], predictions[name] = fitted_r, fitted
     truth = truth_metrics(store, split, scores, predictions)
     if truth is not None:
         metrics["truth"] = truth
