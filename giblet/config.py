@@ -130,6 +130,11 @@ class ModelConfig:
 class LossConfig:
     fmri: float = 1.0  # MSE at L7 on z-scored targets
     fmri_correlation: float = 0.0  # weight of the negative per-voxel correlation term over the batch
+    # Weight of a linear teacher in the training targets: each training TR's target becomes (1 - w) x the
+    # measured response + w x the in-sample fit of evaluate's ridge_hrf baseline (fixed stimulus features
+    # through the canonical HRF, a shrinkage per voxel chosen by cross-validation on the training TRs), a
+    # denoised target that is harder to overfit. Validation and evaluation use the measured responses. 0: off.
+    fmri_teacher: float = 0.0
     fmri_per_modality: float = 1.0  # weight of the modality readouts' mean MSE (only with model.modality_readouts)
     frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
     codes: float = 1.0
@@ -304,6 +309,8 @@ def _check_values(config: Config, source: str) -> None:
     for key, value in dataclasses.asdict(config.loss).items():
         if value < 0:
             raise ConfigError(f"{source}: loss.{key} is {value}; expected a weight >= 0")
+    if config.loss.fmri_teacher > 1:
+        raise ConfigError(f"{source}: loss.fmri_teacher is {config.loss.fmri_teacher}; expected a share in [0, 1]")
     if not 0 < config.fmri.min_subject_fraction <= 1:
         raise ConfigError(f"{source}: fmri.min_subject_fraction is {config.fmri.min_subject_fraction}; expected (0, 1]")
 

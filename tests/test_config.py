@@ -56,6 +56,8 @@ def test_unknown_keys_name_the_nearest_valid_key(values, suggestion, tmp_path):
         ({"split": {"test_fraction": 0.0}}, "split.test_fraction"),
         ({"video": {"width": 0}}, "expected a positive number"),
         ({"window": []}, "expected a mapping"),
+        ({"loss": {"fmri_teacher": 1.5}}, "loss.fmri_teacher is 1.5; expected a share in [0, 1]"),
+        ({"loss": {"fmri_teacher": -0.1}}, "loss.fmri_teacher is -0.1; expected a weight >= 0"),
     ],
 )
 def test_bad_values_are_errors_that_say_what_was_expected(values, fragment):

@@ -149,3 +149,20 @@ def test_shifted_windows_move_every_stream_and_interpolate_the_target(tiny_store
         torch.testing.assert_close(shifted[key][2], plain[key][2])
     with pytest.raises(ValueError, match="fraction of a TR"):
         dataset.batch(items, shift=np.array([0.1, 1.0, 0.2]))
+
+
+@pytest.mark.parametrize("mode", ["cross_subject", "per_subject"])
+def test_blended_targets_mix_each_response_with_the_teachers_row_for_its_tr(tiny_store, mode):
+    dataset = WindowDataset(tiny_store, "train", mode)
+    items = np.arange(0, len(dataset), 7)
+    measured = dataset.batch(items)
+    teacher = np.random.default_rng(0).standard_normal((dataset.trs.size, tiny_store.n_voxels)).astype(np.float32)
+    dataset.blend_targets(teacher, 0.25)
+    blended = dataset.batch(items)
+    rows = teacher[blended["tr"].numpy() - dataset.trs[0]]
+    np.testing.assert_allclose(blended["fmri"].numpy(), 0.75 * measured["fmri"].numpy() + 0.25 * rows, rtol=1e-5, atol=1e-5)
+    assert torch.equal(blended["video_index"], measured["video_index"])  # only the targets change
+    with pytest.raises(ValueError, match=r"expected \(%d, %d\)" % (dataset.trs.size, tiny_store.n_voxels)):
+        dataset.blend_targets(teacher[1:], 0.5)
+    with pytest.raises(ValueError, match=r"teacher weight 1.5; expected a share in \[0, 1\]"):
+        dataset.blend_targets(teacher, 1.5)

@@ -108,3 +108,16 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     carries = signal.std(axis=0) > 0
     against_signal = pearson_r(values[mask].T[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
     assert truth["model"]["r_vs_signal"] == pytest.approx(float(against_signal.mean()), abs=1e-4)
+
+
+def test_the_hrf_ridge_fit_of_the_training_trs_is_the_teacher_shape_and_carries_signal(tiny_data, tiny_store):
+    from giblet.eval.evaluate import hrf_ridge
+
+    start, stop = tiny_store.splits["train"]
+    fit = hrf_ridge(tiny_store, None, "glover", "train")  # mel and text features (no frames)
+    assert fit.shape == (stop - start, tiny_store.n_voxels) and fit.dtype == np.float32
+    signal = np.load(tiny_data / "_truth" / "signal.npy")
+    first = int(tiny_store.manifest["alignment"]["first_tr"])
+    carries = signal.std(axis=0) > 0
+    r = pearson_r(fit[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
+    assert r.mean() > 0.3  # a fit of the noise-free signal, not of noise alone

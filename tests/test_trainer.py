@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import giblet
-from giblet.config import dump_config, from_dict
+from giblet.config import dump_config, from_dict, load_config
 from giblet.models import Stimuli
 from giblet.models.checkpoint import read_checkpoint
 from giblet.train.losses import LossScales
@@ -95,6 +95,7 @@ def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_
     for section, overrides in TRAIN.items():
         values[section].update(overrides)
     values["model"]["inputs"] = ["audio"]
+    values["loss"]["fmri_teacher"] = 0.5  # the training targets half the ridge_hrf fit (mel and text features)
     values["train"]["epochs"] = 1
     config = tmp_path / "audio_only.yaml"
     config.write_text(dump_config(from_dict(values)))
@@ -103,6 +104,7 @@ def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_
     assert done.returncode == 0, done.stderr[-3000:]
     model = giblet.load(out)
     assert model.modalities == ["mel"] and model.config.inputs == ["audio"]
+    assert load_config(out / "config.yaml").loss.fmri_teacher == 0.5
     assert not any(name.startswith(("l1_video", "l1_text", "l13_video", "l13_text")) for name in model.state_dict())
 
 

@@ -140,6 +140,21 @@ class WindowDataset(Dataset):
         self.trs = np.arange(start, stop, dtype=np.int64)
         self.n_subjects = len(store.subjects)
         self._targets = store.fmri_mean() if mode == "cross_subject" else store.fmri()
+        self._teacher: Optional[np.ndarray] = None
+        self._teacher_weight = 0.0
+
+    def blend_targets(self, teacher: np.ndarray, weight: float) -> None:
+        """From now on each sample's target is ``(1 - weight) x`` its response ``+ weight x teacher[t]``.
+
+        ``teacher`` is ``(TRs of the split, n_voxels)``, in the split's TR order: e.g. a linear model's
+        fit of the group mean (``loss.fmri_teacher``); in per-subject mode every subject blends with it.
+        """
+        teacher = np.asarray(teacher, dtype=np.float32)
+        if teacher.shape != (self.trs.size, self.store.n_voxels):
+            raise ValueError(f"teacher targets have shape {teacher.shape}; expected ({self.trs.size}, {self.store.n_voxels})")
+        if not 0 <= weight <= 1:
+            raise ValueError(f"teacher weight {weight}; expected a share in [0, 1]")
+        self._teacher, self._teacher_weight = teacher, float(weight)
 
     def __len__(self) -> int:
         return self.trs.size * (1 if self.mode == "cross_subject" else self.n_subjects)
@@ -169,6 +184,9 @@ class WindowDataset(Dataset):
             rows[order] = self._targets[trs[order]]
         else:
             rows = np.stack([self._targets[s, t] for s, t in zip(subjects, trs)]).astype(np.float32, copy=False)
+        if self._teacher is not None:
+            w = self._teacher_weight
+            rows = (1 - w) * rows + w * self._teacher[trs - self.trs[0]]
         index = self.index
         batch = {
             "tr": torch.from_numpy(trs),

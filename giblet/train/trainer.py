@@ -187,6 +187,12 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     model.attach(Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width).to(device))
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
+    if config.loss.fmri_teacher > 0:
+        from giblet.eval.evaluate import hrf_ridge
+
+        # Every process fits the same ridge on the same data: no broadcast needed.
+        train_set.blend_targets(hrf_ridge(store, model.stimuli.small_frames, config.alignment.hrf, "train"),
+                                config.loss.fmri_teacher)
     loss_fn = GibletLoss(config.loss, scales)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
