@@ -232,6 +232,27 @@ def test_checkpoint_rebuilds_the_model_without_the_yaml(tiny_store, tmp_path):
     assert not loaded.l7_brain.keep[1:4].any()
 
 
+def test_a_full_disk_while_saving_names_the_file_and_leaves_the_previous_checkpoint(tiny_store, tmp_path, monkeypatch):
+    model = build(tiny_store)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    save_checkpoint(model, path, step=1)
+    before = path.read_bytes()
+
+    def full_disk(payload, target):
+        with open(target, "wb") as stream:
+            stream.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 94084928 vs 94084816")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(giblet.errors.DataError) as error:
+        save_checkpoint(model, path, step=2)
+    message = str(error.value)
+    assert message.startswith(f"{path}: could not be written ([enforce fail") and "MiB free on its disk" in message
+    assert "room for about" in message and "--resume" in message
+    assert path.read_bytes() == before  # the previous checkpoint, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
+
+
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     import pickle
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -37,6 +38,14 @@ def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], **extra: A
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError from its writer
+        need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise DataError(
+            path, f"could not be written ({str(error).splitlines()[0]}); {free:,.0f} MiB free on its disk",
+            expected=f"room for about {need:,.0f} MiB of weights (more with the optimizer state)",
+            fix="free disk space or write the run elsewhere, then continue with --resume: the checkpoint there before is intact",
+        ) from error
     finally:
         if tmp.exists():
             tmp.unlink()
