@@ -111,10 +111,10 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
 
 
 def test_the_hrf_ridge_fit_of_the_training_trs_is_the_teacher_shape_and_carries_signal(tiny_data, tiny_store):
-    from giblet.eval.evaluate import hrf_ridge
+    from giblet.eval.evaluate import hrf_ridge, tr_features
 
     start, stop = tiny_store.splits["train"]
-    fit = hrf_ridge(tiny_store, None, "glover", "train")  # mel and text features (no frames)
+    fit = hrf_ridge(tiny_store, tr_features(tiny_store, None), "glover", "train")  # mel and text features (no frames)
     assert fit.shape == (stop - start, tiny_store.n_voxels) and fit.dtype == np.float32
     signal = np.load(tiny_data / "_truth" / "signal.npy")
     first = int(tiny_store.manifest["alignment"]["first_tr"])

@@ -80,13 +80,15 @@ def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.n
     return np.asarray(model.predict(delayed[test[0] : test[1]]), dtype=np.float32)
 
 
-def hrf_ridge(store: Store, small_frames: Optional[torch.Tensor], hrf: str, split: str = "test") -> np.ndarray:
-    """The ``ridge_hrf`` baseline: ``tr_features`` through the canonical HRF, a kernel ridge fit on the train
-    TRs' group mean; its predictions for ``split`` (for ``train``, the in-sample fit)."""
+def hrf_ridge(store: Store, features: np.ndarray, hrf: str, split: str = "test",
+              target: Optional[np.ndarray] = None) -> np.ndarray:
+    """The ``ridge_hrf`` baseline: per-TR ``features`` (``tr_features``) through the canonical HRF, a kernel
+    ridge fit on the train TRs of ``target`` (default: the group mean); its predictions for ``split`` (for
+    ``train``, the in-sample fit)."""
     from giblet.data.alignment import convolve_hrf
 
-    features = convolve_hrf(tr_features(store, small_frames), store.tr_s, hrf)
-    return ridge_baseline(store, features, 0, np.asarray(store.fmri_mean(), dtype=np.float32), split)
+    target = np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
+    return ridge_baseline(store, convolve_hrf(features, store.tr_s, hrf), 0, target, split)
 
 
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
@@ -228,7 +230,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
         # per feature): with few training TRs the second is often the stronger linear model.
         fits = {
             "ridge": (ridge_baseline(store, features, delays, everything, split), {"fir_delays_trs": delays}),
-            "ridge_hrf": (hrf_ridge(store, model.stimuli.small_frames, config.alignment.hrf, split), {"hrf": config.alignment.hrf}),
+            "ridge_hrf": (hrf_ridge(store, features, config.alignment.hrf, split, everything), {"hrf": config.alignment.hrf}),
         }
         for name, (fitted, about) in fits.items():
             fitted_r = pearson_r(fitted, group)

@@ -188,11 +188,11 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
     if config.loss.fmri_teacher > 0:
-        from giblet.eval.evaluate import hrf_ridge
+        from giblet.eval.evaluate import hrf_ridge, tr_features
 
         # Every process fits the same ridge on the same data: no broadcast needed.
-        train_set.blend_targets(hrf_ridge(store, model.stimuli.small_frames, config.alignment.hrf, "train"),
-                                config.loss.fmri_teacher)
+        fit = hrf_ridge(store, tr_features(store, model.stimuli.small_frames), config.alignment.hrf, "train")
+        train_set.blend_targets(fit, config.loss.fmri_teacher)
     loss_fn = GibletLoss(config.loss, scales)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
