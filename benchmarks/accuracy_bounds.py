@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.signal import lfilter
 
 from giblet.data import synth
-from giblet.data.alignment import convolve_hrf, hrf_value
+from giblet.data.alignment import convolve_hrf
 from giblet.data.store import open_store
-from giblet.eval.evaluate import ridge_baseline, tr_features
+from giblet.eval.evaluate import hrf_ridge, ridge_baseline, tr_features
 from giblet.eval.metrics import pearson_r
 
 
@@ -86,9 +85,7 @@ def main(data: Path, store_path: Path) -> None:
     ).to(torch.uint8))
     print(f"  the baseline's fixed features ({fixed.shape[1]}), {delays + 1} FIR delays: "
           f"{fraction(ridge_baseline(store, fixed, delays, group)):.3f}")
-    kernel = hrf_value(np.arange(0.0, 20.0, store.tr_s), synth.HRF_KIND)
-    convolved = lfilter(kernel / kernel.max(), [1.0], fixed, axis=0)
-    print(f"  the same features through the canonical HRF: {fraction(ridge_baseline(store, convolved, 0, group)):.3f}")
+    print(f"  the same features through the canonical HRF (ridge_hrf): {fraction(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group)):.3f}")
 
     kinds = np.load(truth / "tuning.npz")["region_kind"]
     for kind in sorted(set(kinds[carries].tolist())):
