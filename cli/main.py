@@ -105,14 +105,14 @@ def print_metrics(metrics: dict, run: Path, split: str) -> None:
     if truth and "skipped" not in truth:
         table.add_row("truth: signal voxels", str(truth["signal_voxels"]))
         table.add_row("truth: r of the noise-free signal (ceiling)", f"{truth['true_signal_r']:.4f}")
-        for name in ("model", "ridge", "ridge_hrf"):
+        for name in ("model", "ridge", "ridge_hrf", "ridge_banded"):
             if name in truth:
                 table.add_row(f"truth: {name} mean_r on signal voxels", f"{truth[name]['mean_r']:.4f}")
                 table.add_row(f"truth: {name} fraction of the ceiling", f"{truth[name]['fraction_of_ceiling']:.3f}")
                 if "r_vs_signal" in truth[name]:
                     table.add_row(f"truth: {name} r against the noise-free signal", f"{truth[name]['r_vs_signal']:.3f}")
         for kind, entry in truth.get("by_kind", {}).items():
-            names = [name for name in ("model", "ridge", "ridge_hrf") if name in entry]
+            names = [name for name in ("model", "ridge", "ridge_hrf", "ridge_banded") if name in entry]
             fractions = " / ".join(f"{entry[name]['fraction_of_ceiling']:.3f}" for name in names)
             table.add_row(f"truth: {kind} ({entry['voxels']} voxels) fraction, {' / '.join(names)}", fractions)
     console.print(table)

@@ -131,10 +131,13 @@ class LossConfig:
     fmri: float = 1.0  # MSE at L7 on z-scored targets
     fmri_correlation: float = 0.0  # weight of the negative per-voxel correlation term over the batch
     # Weight of a linear teacher in the training targets: each training TR's target becomes (1 - w) x the
-    # measured response + w x the in-sample fit of evaluate's ridge_hrf baseline (fixed stimulus features
-    # through the canonical HRF, a shrinkage per voxel chosen by cross-validation on the training TRs), a
+    # measured response + w x the in-sample fit of one of evaluate's linear baselines (fixed stimulus features
+    # through the canonical HRF, shrinkage per voxel chosen by cross-validation on the training TRs), a
     # denoised target that is harder to overfit. Validation and evaluation use the measured responses. 0: off.
     fmri_teacher: float = 0.0
+    # Which baseline's in-sample fit teaches: "banded" (ridge_banded: a kernel per stream, weighed per voxel)
+    # or "hrf" (ridge_hrf: one kernel over every feature).
+    fmri_teacher_ridge: str = "banded"
     fmri_per_modality: float = 1.0  # weight of the modality readouts' mean MSE (only with model.modality_readouts)
     frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
     codes: float = 1.0
@@ -189,6 +192,7 @@ STORE_SECTIONS = ("data", "alignment", "video", "audio", "text", "fmri", "window
 
 CHOICES = {
     ("alignment", "hrf"): ("glover", "spm"),
+    ("loss", "fmri_teacher_ridge"): ("banded", "hrf"),
     ("fmri", "dtype"): ("float16", "float32"),
     ("dataset", "mode"): ("cross_subject", "per_subject"),
     ("model", "audio_input"): ("auto", "codes", "mel"),
@@ -307,7 +311,7 @@ def _check_values(config: Config, source: str) -> None:
         if not 0 <= getattr(m, key) < 1:
             raise ConfigError(f"{source}: model.{key} is {getattr(m, key)}; expected a probability in [0, 1)")
     for key, value in dataclasses.asdict(config.loss).items():
-        if value < 0:
+        if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{source}: loss.{key} is {value}; expected a weight >= 0")
     if config.loss.fmri_teacher > 1:
         raise ConfigError(f"{source}: loss.fmri_teacher is {config.loss.fmri_teacher}; expected a share in [0, 1]")

@@ -66,6 +66,10 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     assert np.isfinite(metrics["baselines"]["ridge"]["mean_r"])
     # The same features through the canonical HRF the run's settings name, instead of FIR delays.
     assert np.isfinite(metrics["baselines"]["ridge_hrf"]["mean_r"]) and metrics["baselines"]["ridge_hrf"]["hrf"] == "glover"
+    # The same blocks, one kernel per stream: the shares of the block weights over the voxels sum to 1.
+    shares = metrics["baselines"]["ridge_banded"]["block_weight_shares"]
+    assert set(shares) == {"video", "audio", "text"} and sum(shares.values()) == pytest.approx(1.0)
+    assert np.isfinite(metrics["baselines"]["ridge_banded"]["mean_r"])
     start, stop = tiny_store.splits["test"]
     assert metrics["test_trs"] == [start, stop] and metrics["n_voxels"] == tiny_store.n_voxels
     mask, affine = tiny_store.mask()
@@ -97,12 +101,12 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     by_kind = truth["by_kind"]
     assert set(by_kind) == set(kinds[signal.std(axis=0) > 0].tolist()) and "noise" not in by_kind
     assert sum(entry["voxels"] for entry in by_kind.values()) == truth["signal_voxels"]
-    for name in ("model", "ridge", "ridge_hrf"):
+    for name in ("model", "ridge", "ridge_hrf", "ridge_banded"):
         weighted = sum(entry["voxels"] * entry[name]["mean_r"] for entry in by_kind.values()) / truth["signal_voxels"]
         assert weighted == pytest.approx(truth[name]["mean_r"], abs=1e-5)
         for entry in by_kind.values():
             assert entry[name]["fraction_of_ceiling"] == pytest.approx(entry[name]["mean_r"] / entry["true_signal_r"])
-    assert "auditory (" in result.output and "fraction, model / ridge / ridge_hrf" in result.output
+    assert "auditory (" in result.output and "fraction, model / ridge / ridge_hrf / ridge_banded" in result.output
     # r against the noise-free signal on the signal voxels, from the written prediction.
     first = int(tiny_store.manifest["alignment"]["first_tr"])
     carries = signal.std(axis=0) > 0
@@ -121,3 +125,27 @@ def test_the_hrf_ridge_fit_of_the_training_trs_is_the_teacher_shape_and_carries_
     carries = signal.std(axis=0) > 0
     r = pearson_r(fit[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
     assert r.mean() > 0.3  # a fit of the noise-free signal, not of noise alone
+
+
+def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):
+    """Voxels driven by the mel block alone, with 384 text dimensions beside it: one shared kernel spends its
+    shrinkage on both; the banded ridge gives the audio block the weight and predicts the held-out TRs better."""
+    from giblet.data.alignment import convolve_hrf
+    from giblet.eval.evaluate import banded_ridge, hrf_ridge, tr_feature_parts
+
+    parts = tr_feature_parts(tiny_store, None)  # audio (mel) and text; no frames
+    assert set(parts) == {"audio", "text"}
+    rng = np.random.default_rng(0)
+    mel = convolve_hrf(parts["audio"], tiny_store.tr_s, "glover")
+    mel = (mel - mel.mean(axis=0)) / (mel.std(axis=0) + 1e-9)
+    clean = mel @ rng.normal(size=(mel.shape[1], 20)) / np.sqrt(mel.shape[1])
+    target = (clean / clean.std(axis=0) + 1.5 * rng.normal(size=clean.shape)).astype(np.float32)
+    predictions, shares = banded_ridge(tiny_store, parts, "glover", ("train", "test"), target, n_iter=10)
+    start, stop = tiny_store.splits["test"]
+    assert predictions["test"].shape == (stop - start, 20) and predictions["test"].dtype == np.float32
+    assert predictions["train"].shape[0] == tiny_store.splits["train"][1] - tiny_store.splits["train"][0]
+    assert shares["audio"] > 0.7 and shares["audio"] + shares["text"] == pytest.approx(1.0)
+    features = np.concatenate(list(parts.values()), axis=1)
+    single = hrf_ridge(tiny_store, features, "glover", "test", target)
+    truth = clean[start:stop].astype(np.float32)
+    assert pearson_r(predictions["test"], truth).mean() > pearson_r(single, truth).mean() + 0.05

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
 
 # Voxels whose noise ceiling is below this are left out of the noise-normalized mean (dividing by ~0 is noise).
 CEILING_FLOOR = 0.1
+# Block weightings tried per voxel by the banded ridge's random search.
+BANDED_SEARCH = 20
 
 
 @torch.no_grad()
@@ -39,29 +41,35 @@ def predict(model, store: Store, split: str = "test", batch_size: int = 32) -> n
     return np.concatenate(rows)
 
 
-def tr_features(store: Store, small_frames: Optional[torch.Tensor]) -> np.ndarray:
-    """Fixed per-TR stimulus features for the ridge baseline: coarse frames, mel, mean text embedding."""
+def tr_feature_parts(store: Store, small_frames: Optional[torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Fixed per-TR stimulus features of the linear baselines, one block per stream: ``video`` (coarse
+    frames, 3x4 RGB), ``audio`` (mel bands), ``text`` (mean annotation embedding); a stream the store
+    lacks (or ``small_frames`` None) has no block."""
     from giblet import ops
 
     manifest = store.manifest
     onsets = store.onsets()
     tr = store.tr_s
-    parts = []
+    parts: Dict[str, np.ndarray] = {}
     if small_frames is not None:
         coarse = torch.nn.functional.adaptive_avg_pool2d(small_frames.float() / 255.0, (3, 4)).flatten(1)  # (n_frames, 36)
         v = manifest["video"]
-        parts.append(ops.grid_average(coarse, v["rate_hz"], torch.from_numpy(onsets - v["start_s"]), tr, 1)[:, 0].numpy())
+        parts["video"] = ops.grid_average(coarse, v["rate_hz"], torch.from_numpy(onsets - v["start_s"]), tr, 1)[:, 0].numpy()
     if "mel" in manifest["audio"]:
         m = manifest["audio"]["mel"]
         mel = torch.from_numpy(np.asarray(store.mel(), dtype=np.float32))
-        parts.append(ops.grid_average(mel, m["rate_hz"], torch.from_numpy(onsets - m["start_s"]), tr, 1)[:, 0].numpy())
+        parts["audio"] = ops.grid_average(mel, m["rate_hz"], torch.from_numpy(onsets - m["start_s"]), tr, 1)[:, 0].numpy()
     times = store.text_times()
     slots = text_slots_for(times[:, 0], times[:, 1], onsets, tr, 4)
     embeddings = np.asarray(store.text_embeddings(), dtype=np.float32)
     present = slots >= 0
-    text = (embeddings[slots.clip(0)] * present[..., None]).sum(axis=1) / np.maximum(present.sum(axis=1, keepdims=True), 1)
-    parts.append(text)
-    return np.concatenate(parts, axis=1).astype(np.float64)
+    parts["text"] = (embeddings[slots.clip(0)] * present[..., None]).sum(axis=1) / np.maximum(present.sum(axis=1, keepdims=True), 1)
+    return {name: part.astype(np.float64) for name, part in parts.items()}
+
+
+def tr_features(store: Store, small_frames: Optional[torch.Tensor]) -> np.ndarray:
+    """Fixed per-TR stimulus features for the ridge baselines: ``tr_feature_parts`` side by side."""
+    return np.concatenate(list(tr_feature_parts(store, small_frames).values()), axis=1)
 
 
 def ridge_baseline(store: Store, features: np.ndarray, delays: int, target: np.ndarray, split: str = "test") -> np.ndarray:
@@ -91,11 +99,52 @@ def hrf_ridge(store: Store, features: np.ndarray, hrf: str, split: str = "test",
     return ridge_baseline(store, convolve_hrf(features, store.tr_s, hrf), 0, target, split)
 
 
+def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: str, splits: Sequence[str] = ("test",),
+                 target: Optional[np.ndarray] = None, n_iter: int = BANDED_SEARCH, seed: int = 0
+                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    """The ``ridge_banded`` baseline: the blocks of ``tr_feature_parts`` through the canonical HRF, one kernel
+    per block, and a banded (multiple-kernel) ridge fit on the train TRs of ``target`` (default: the group
+    mean). Each voxel gets its own weight per block and its own shrinkage, both chosen by 5-fold
+    cross-validation on the training TRs (himalaya's random search over ``n_iter`` block weightings,
+    seeded): a voxel that only hears is not diluted by 400 text dimensions, as it is in ``ridge_hrf``'s
+    single kernel. Returns the predictions for each of ``splits`` (``train``: the in-sample fit) and the
+    mean share of each block's kernel weight over the voxels.
+    """
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+
+    from giblet.data.alignment import convolve_hrf
+
+    target = np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
+    a, b = store.splits["train"]
+    blocks = {}
+    for name, part in parts.items():
+        x = convolve_hrf(part, store.tr_s, hrf)
+        std = x[a:b].std(axis=0)
+        # Standardized on the training TRs, then scaled so that every block's kernel has a mean diagonal of 1:
+        # the search weighs blocks, not their widths.
+        blocks[name] = ((x - x[a:b].mean(axis=0)) / np.where(std > 0, std, 1.0) / math.sqrt(x.shape[1])).astype(np.float32)
+    offset = target[a:b].mean(axis=0)
+    model = MultipleKernelRidgeCV(
+        kernels="precomputed", solver="random_search", random_state=seed,
+        solver_params=dict(n_iter=n_iter, alphas=np.logspace(-4, 4, 17), progress_bar=False),
+    )
+    model.fit(np.stack([x[a:b] @ x[a:b].T for x in blocks.values()]), (target[a:b] - offset).astype(np.float32))
+    predictions = {}
+    for split in splits:
+        c, d = store.splits[split]
+        kernels = np.stack([x[c:d] @ x[a:b].T for x in blocks.values()])
+        predictions[split] = (np.asarray(model.predict(kernels), dtype=np.float32) + offset).astype(np.float32)
+    deltas = np.asarray(model.deltas_, dtype=np.float64)  # (blocks, voxels), log kernel weights
+    shares = np.exp(deltas - deltas.max(axis=0))
+    shares /= shares.sum(axis=0)
+    return predictions, {name: float(share) for name, share in zip(blocks, shares.mean(axis=1))}
+
+
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
                   predictions: Optional[Dict[str, np.ndarray]] = None) -> Optional[Dict[str, object]]:
     """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
 
-    ``scores`` maps a name (``model``, ``ridge``) to per-voxel r against the group mean. Two ceilings:
+    ``scores`` maps a name (``model``, ``ridge``, ...) to per-voxel r against the group mean. Two ceilings:
     ``noise_ceiling`` (``_truth/noise_ceiling.npy``, expected over the whole movie) and
     ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
     the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter.
@@ -223,7 +272,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     }
     scores, predictions = {"model": r}, {"model": prediction}
     if baseline == "ridge":
-        features = tr_features(store, model.stimuli.small_frames)
+        parts = tr_feature_parts(store, model.stimuli.small_frames)
+        features = np.concatenate(list(parts.values()), axis=1)
         delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
         everything = np.asarray(store.fmri_mean(), dtype=np.float32)
         # The FIR ridge learns a time course per feature; the HRF ridge assumes the canonical one (one weight
@@ -232,6 +282,9 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
             "ridge": (ridge_baseline(store, features, delays, everything, split), {"fir_delays_trs": delays}),
             "ridge_hrf": (hrf_ridge(store, features, config.alignment.hrf, split, everything), {"hrf": config.alignment.hrf}),
         }
+        # The same blocks, one kernel each: every voxel weighs video, audio and text and shrinks them on its own.
+        banded, shares = banded_ridge(store, parts, config.alignment.hrf, (split,), everything)
+        fits["ridge_banded"] = (banded[split], {"hrf": config.alignment.hrf, "block_weight_shares": shares})
         for name, (fitted, about) in fits.items():
             fitted_r = pearson_r(fitted, group)
             metrics["baselines"][name] = {

@@ -188,10 +188,14 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
     if config.loss.fmri_teacher > 0:
-        from giblet.eval.evaluate import hrf_ridge, tr_features
+        from giblet.eval.evaluate import banded_ridge, hrf_ridge, tr_feature_parts
 
-        # Every process fits the same ridge on the same data: no broadcast needed.
-        fit = hrf_ridge(store, tr_features(store, model.stimuli.small_frames), config.alignment.hrf, "train")
+        # Every process fits the same (seeded) ridge on the same data: no broadcast needed.
+        parts = tr_feature_parts(store, model.stimuli.small_frames)
+        if config.loss.fmri_teacher_ridge == "banded":
+            fit = banded_ridge(store, parts, config.alignment.hrf, ("train",))[0]["train"]
+        else:
+            fit = hrf_ridge(store, np.concatenate(list(parts.values()), axis=1), config.alignment.hrf, "train")
         train_set.blend_targets(fit, config.loss.fmri_teacher)
     loss_fn = GibletLoss(config.loss, scales)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
