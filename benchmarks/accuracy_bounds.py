@@ -11,11 +11,13 @@ noise-free signal itself against the test group mean, what ``giblet evaluate`` r
   then per kind of signal region, that ridge and one on the kind's own modality alone (a mixed region has two
   or three modalities, so it gets the first line only);
 - the same ridge on the truth's features at the fine time step convolved with the canonical HRF the data
-  were made with (no delays to estimate), and on the exact noise-free responses of every neural unit: what a
-  model that knew the features, or the units themselves, would score with this many training TRs;
+  were made with (no delays to estimate), the same as a banded ridge (one kernel per modality, weighed per
+  voxel), and a ridge on the exact noise-free responses of every neural unit: what a model that knew the
+  features, or the units themselves, would score with this many training TRs;
 - ``giblet evaluate``'s ridge baseline on its own fixed features (coarse frames, mel, mean text embedding per
-  TR) with FIR delays, and the same features convolved with the canonical HRF instead (one weight per feature
-  rather than one per delay): the linear encoding model that a learned one has to beat;
+  TR) with FIR delays, the same features convolved with the canonical HRF instead (one weight per feature
+  rather than one per delay, ``ridge_hrf``), and those blocks as a banded ridge (``ridge_banded``): the
+  linear encoding models that a learned one has to beat;
 - least squares from the k leading components of the noise-free signal (computed over the whole movie, so
   they are the exact response space), fit per voxel on the training TRs: a perfect shared representation read
   out by a k-wide linear layer, which shows what the width in front of layer 7 costs with this many training TRs.
@@ -34,7 +36,7 @@ import torch
 from giblet.data import synth
 from giblet.data.alignment import convolve_hrf
 from giblet.data.store import open_store
-from giblet.eval.evaluate import hrf_ridge, ridge_baseline, tr_features
+from giblet.eval.evaluate import banded_ridge, hrf_ridge, ridge_baseline, tr_feature_parts
 from giblet.eval.metrics import pearson_r
 
 
@@ -72,20 +74,26 @@ def main(data: Path, store_path: Path) -> None:
     def bold(activity: np.ndarray) -> np.ndarray:
         return convolve_hrf(activity, synth.FINE_STEP_S, synth.HRF_KIND)[middles]
 
-    linear = bold(np.concatenate([fine[m] for m in synth.MODALITIES], axis=1))
+    true_blocks = {m: bold(fine[m]) for m in synth.MODALITIES}
+    linear = np.concatenate(list(true_blocks.values()), axis=1)
     print(f"  ridge on the truth's features through the true HRF: {fraction(ridge_baseline(store, linear, 0, group)):.3f}")
+    banded_truth = banded_ridge(store, true_blocks, None, ("test",), group)[0]["test"]
+    print(f"  the same, banded (a kernel per modality, weighed per voxel): {fraction(banded_truth):.3f}")
     k = preset.units_per_region
     units = np.concatenate([bold(synth._unit_activity(preset, fine, world.units, region * k + np.arange(k)))
                             for region, kind in enumerate(world.region_kinds) if kind != "noise"], axis=1)
     print(f"  ridge on the exact responses of the {units.shape[1]} neural units: "
           f"{fraction(ridge_baseline(store, units, 0, group)):.3f}")
 
-    fixed = tr_features(store, torch.nn.functional.interpolate(
+    blocks = tr_feature_parts(store, torch.nn.functional.interpolate(
         torch.from_numpy(np.asarray(store.frames())).permute(0, 3, 1, 2).float(), size=(18, 32), mode="area"
     ).to(torch.uint8))
+    fixed = np.concatenate(list(blocks.values()), axis=1)
     print(f"  the baseline's fixed features ({fixed.shape[1]}), {delays + 1} FIR delays: "
           f"{fraction(ridge_baseline(store, fixed, delays, group)):.3f}")
     print(f"  the same features through the canonical HRF (ridge_hrf): {fraction(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group)):.3f}")
+    banded = banded_ridge(store, blocks, synth.HRF_KIND, ("test",), group)[0]["test"]
+    print(f"  the same, banded (ridge_banded: a kernel per stream, weighed per voxel): {fraction(banded):.3f}")
 
     kinds = np.load(truth / "tuning.npz")["region_kind"]
     for kind in sorted(set(kinds[carries].tolist())):

@@ -58,6 +58,7 @@ def test_unknown_keys_name_the_nearest_valid_key(values, suggestion, tmp_path):
         ({"window": []}, "expected a mapping"),
         ({"loss": {"fmri_teacher": 1.5}}, "loss.fmri_teacher is 1.5; expected a share in [0, 1]"),
         ({"loss": {"fmri_teacher": -0.1}}, "loss.fmri_teacher is -0.1; expected a weight >= 0"),
+        ({"loss": {"fmri_teacher_ridge": "fir"}}, "loss.fmri_teacher_ridge is 'fir'; expected one of banded, hrf"),
     ],
 )
 def test_bad_values_are_errors_that_say_what_was_expected(values, fragment):

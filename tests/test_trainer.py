@@ -95,7 +95,7 @@ def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_
     for section, overrides in TRAIN.items():
         values[section].update(overrides)
     values["model"]["inputs"] = ["audio"]
-    values["loss"]["fmri_teacher"] = 0.5  # the training targets half the ridge_hrf fit (mel and text features)
+    values["loss"]["fmri_teacher"] = 0.5  # the training targets half the ridge_banded fit (mel and text blocks)
     values["train"]["epochs"] = 1
     config = tmp_path / "audio_only.yaml"
     config.write_text(dump_config(from_dict(values)))

@@ -99,7 +99,7 @@ def hrf_ridge(store: Store, features: np.ndarray, hrf: str, split: str = "test",
     return ridge_baseline(store, convolve_hrf(features, store.tr_s, hrf), 0, target, split)
 
 
-def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: str, splits: Sequence[str] = ("test",),
+def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str], splits: Sequence[str] = ("test",),
                  target: Optional[np.ndarray] = None, n_iter: int = BANDED_SEARCH, seed: int = 0
                  ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
     """The ``ridge_banded`` baseline: the blocks of ``tr_feature_parts`` through the canonical HRF, one kernel
@@ -108,7 +108,8 @@ def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: str, splits: S
     cross-validation on the training TRs (himalaya's random search over ``n_iter`` block weightings,
     seeded): a voxel that only hears is not diluted by 400 text dimensions, as it is in ``ridge_hrf``'s
     single kernel. Returns the predictions for each of ``splits`` (``train``: the in-sample fit) and the
-    mean share of each block's kernel weight over the voxels.
+    mean share of each block's kernel weight over the voxels. ``hrf`` None: the blocks are per-TR regressors
+    already (convolved by the caller), used as they are.
     """
     from himalaya.kernel_ridge import MultipleKernelRidgeCV
 
@@ -118,7 +119,7 @@ def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: str, splits: S
     a, b = store.splits["train"]
     blocks = {}
     for name, part in parts.items():
-        x = convolve_hrf(part, store.tr_s, hrf)
+        x = convolve_hrf(part, store.tr_s, hrf) if hrf is not None else np.asarray(part, dtype=np.float64)
         std = x[a:b].std(axis=0)
         # Standardized on the training TRs, then scaled so that every block's kernel has a mean diagonal of 1:
         # the search weighs blocks, not their widths.
