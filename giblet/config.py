@@ -123,6 +123,11 @@ class ModelConfig:
     # (weight loss.fmri_per_modality), so that every modality vector carries what that stream alone predicts.
     # Predictions, lesions and the decoder never use them.
     modality_readouts: bool = False
+    # Layer 7 = the network's output + a linear encoding model of the same units: the stores' fixed per-TR
+    # features (coarse frames, mel, mean text embedding) through the canonical HRF (alignment.hrf), mapped by
+    # the ridge_banded fit on the training TRs (closed form, before the first step, then held fixed). The
+    # network learns what that linear model misses; lesions silence both. Voxel units only (no parcels).
+    linear_branch: bool = False
     parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
 
 
@@ -301,6 +306,9 @@ def _check_values(config: Config, source: str) -> None:
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
+    if m.linear_branch and m.parcels:
+        raise ConfigError(f"{source}: model.linear_branch is fit per voxel; it cannot be combined with model.parcels "
+                          f"{m.parcels!r} (set one of them)")
     if not m.inputs or len(set(m.inputs)) != len(m.inputs):
         raise ConfigError(f"{source}: model.inputs is {m.inputs}; expected one or more of video, audio, text, each once")
     if m.temporal_kernels < 0:

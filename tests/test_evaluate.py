@@ -149,3 +149,18 @@ def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_wher
     single = hrf_ridge(tiny_store, features, "glover", "test", target)
     truth = clean[start:stop].astype(np.float32)
     assert pearson_r(predictions["test"], truth).mean() > pearson_r(single, truth).mean() + 0.05
+
+
+def test_the_banded_fit_as_one_linear_map_predicts_what_the_kernel_form_predicts(tiny_store):
+    from giblet.eval.evaluate import banded_linear_map, banded_ridge, hrf_regressors, tr_feature_parts
+
+    parts = tr_feature_parts(tiny_store, None)
+    predictions, _ = banded_ridge(tiny_store, parts, "glover", ("val", "test"), n_iter=5)
+    weight, bias = banded_linear_map(tiny_store, parts, "glover", n_iter=5)
+    regressors = hrf_regressors(tiny_store, parts, "glover")
+    assert weight.shape == (regressors.shape[1], tiny_store.n_voxels) and bias.shape == (tiny_store.n_voxels,)
+    for split in ("val", "test"):
+        start, stop = tiny_store.splits[split]
+        mapped = regressors[start:stop] @ weight + bias
+        spread = np.abs(predictions[split] - predictions[split].mean(axis=0)).mean()
+        assert np.abs(mapped - predictions[split]).mean() < 1e-3 * spread

@@ -424,3 +424,42 @@ def test_mel_input_is_standardized_with_training_statistics_saved_in_the_checkpo
     torch.save(payload, tmp_path / "broken.pt")
     with pytest.raises(giblet.errors.DataError, match="l7_brain.bias"):
         giblet.load(tmp_path / "broken.pt")
+
+
+def test_the_linear_branch_adds_the_banded_ridge_to_layer_7_is_lesioned_with_it_and_is_saved(tiny_store, tmp_path):
+    import dataclasses
+
+    from giblet.eval.evaluate import banded_linear_map, hrf_regressors
+    from giblet.models.stimuli import regressor_parts
+
+    config = dataclasses.replace(SMALL, linear_branch=True)
+    dims = dims_from_manifest(tiny_store.manifest, "mel")
+    model = GibletAutoencoder(dims, config)
+    model.set_grid(*tiny_store.mask())
+    assert torch.count_nonzero(model.l7_brain.weight) == 0  # the network starts silent
+    stimuli = Stimuli.from_store(tiny_store, dims, 9, 16, hrf="glover")
+    parts = regressor_parts(tiny_store, stimuli.small_frames, 9, 16)
+    assert set(parts) == {"video", "audio", "text"}
+    weight, bias = banded_linear_map(tiny_store, parts, "glover", n_iter=5)
+    assert stimuli.regressors.shape == (tiny_store.n_trs, weight.shape[0])
+    model.set_linear_branch(weight, bias)
+    model.attach(stimuli).eval()
+    batch = a_batch(tiny_store, n=5, split="test")
+    expected = hrf_regressors(tiny_store, parts, "glover")[batch["tr"].numpy()] @ weight + bias
+    with torch.no_grad():
+        brain = model.encode(batch)
+        torch.testing.assert_close(brain, torch.from_numpy(expected) + model.l7_brain.bias, rtol=1e-4, atol=1e-4)
+        with model.lesion([0, 3]):
+            lesioned = model.encode(batch)
+    assert torch.all(lesioned[:, [0, 3]] == 0) and torch.equal(lesioned[:, 1], brain[:, 1])
+    save_checkpoint(model, tmp_path / "run" / "checkpoints" / "best.pt")
+    loaded = giblet.load(tmp_path / "run").eval().attach(stimuli)
+    assert torch.equal(loaded.linear_weight, model.linear_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(batch), brain)
+    # Without the regressors the branch cannot run: the error says what to attach.
+    loaded.attach(Stimuli.from_store(tiny_store, dims, 9, 16))
+    with pytest.raises(RuntimeError, match="hrf=<the run's alignment.hrf>"):
+        loaded.encode(batch)
+    with pytest.raises(ValueError, match="expected"):
+        model.set_linear_branch(weight[:, :5], bias)

@@ -111,25 +111,10 @@ def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str],
     mean share of each block's kernel weight over the voxels. ``hrf`` None: the blocks are per-TR regressors
     already (convolved by the caller), used as they are.
     """
-    from himalaya.kernel_ridge import MultipleKernelRidgeCV
-
-    from giblet.data.alignment import convolve_hrf
-
     target = np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
     a, b = store.splits["train"]
-    blocks = {}
-    for name, part in parts.items():
-        x = convolve_hrf(part, store.tr_s, hrf) if hrf is not None else np.asarray(part, dtype=np.float64)
-        std = x[a:b].std(axis=0)
-        # Standardized on the training TRs, then scaled so that every block's kernel has a mean diagonal of 1:
-        # the search weighs blocks, not their widths.
-        blocks[name] = ((x - x[a:b].mean(axis=0)) / np.where(std > 0, std, 1.0) / math.sqrt(x.shape[1])).astype(np.float32)
-    offset = target[a:b].mean(axis=0)
-    model = MultipleKernelRidgeCV(
-        kernels="precomputed", solver="random_search", random_state=seed,
-        solver_params=dict(n_iter=n_iter, alphas=np.logspace(-4, 4, 17), progress_bar=False),
-    )
-    model.fit(np.stack([x[a:b] @ x[a:b].T for x in blocks.values()]), (target[a:b] - offset).astype(np.float32))
+    blocks, _ = _standardized_blocks(store, parts, hrf)
+    model, offset = _fit_banded(store, blocks, target, n_iter, seed)
     predictions = {}
     for split in splits:
         c, d = store.splits[split]
@@ -139,6 +124,68 @@ def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str],
     shares = np.exp(deltas - deltas.max(axis=0))
     shares /= shares.sum(axis=0)
     return predictions, {name: float(share) for name, share in zip(blocks, shares.mean(axis=1))}
+
+
+def banded_linear_map(store: Store, parts: Dict[str, np.ndarray], hrf: str, target: Optional[np.ndarray] = None,
+                      n_iter: int = BANDED_SEARCH, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """``banded_ridge``'s fit as one linear map ``(weight (features, voxels), bias (voxels,))`` float32 on the
+    blocks of ``parts`` through the HRF, side by side (``hrf_regressors``): ``hrf_regressors(...) @ weight +
+    bias`` is its prediction for every TR of the store (the model's linear branch)."""
+    target = np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
+    a, b = store.splits["train"]
+    blocks, scales = _standardized_blocks(store, parts, hrf)
+    model, offset = _fit_banded(store, blocks, target, n_iter, seed)
+    dual = np.asarray(model.dual_coef_, dtype=np.float64)  # (train TRs, voxels)
+    weights = np.exp(np.asarray(model.deltas_, dtype=np.float64))  # (blocks, voxels)
+    columns, bias = [], offset.astype(np.float64)
+    for i, (name, x) in enumerate(blocks.items()):
+        # Prediction = sum over blocks of exp(delta) K_block(new, train) @ dual; K = x_new x_train^T.
+        w = (x[a:b].T.astype(np.float64) @ dual) * weights[i]  # on the standardized block
+        mean, scale = scales[name]
+        w = w / scale[:, None]  # on the raw regressors (a constant one has scale inf: weight 0)
+        bias = bias - mean @ w
+        columns.append(w)
+    return np.concatenate(columns, axis=0).astype(np.float32), bias.astype(np.float32)
+
+
+def _fit_banded(store: Store, blocks: Dict[str, np.ndarray], target: np.ndarray, n_iter: int, seed: int):
+    """(himalaya's fitted MultipleKernelRidgeCV on the blocks' training-TR kernels, the target's training mean)."""
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+
+    a, b = store.splits["train"]
+    offset = target[a:b].mean(axis=0)
+    model = MultipleKernelRidgeCV(
+        kernels="precomputed", solver="random_search", random_state=seed,
+        solver_params=dict(n_iter=n_iter, alphas=np.logspace(-4, 4, 17), progress_bar=False),
+    )
+    model.fit(np.stack([x[a:b] @ x[a:b].T for x in blocks.values()]), (target[a:b] - offset).astype(np.float32))
+    return model, offset
+
+
+def _standardized_blocks(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str]):
+    """Each block through the HRF (``hrf`` None: as given), standardized on the training TRs and scaled so that
+    its kernel has a mean diagonal of 1 (the search weighs blocks, not their widths); a column that is constant
+    over the training TRs (to float32 precision) is left out (scale inf). ``(blocks, {name: (mean, scale)})``."""
+    from giblet.data.alignment import convolve_hrf
+
+    a, b = store.splits["train"]
+    blocks, scales = {}, {}
+    for name, part in parts.items():
+        x = convolve_hrf(part, store.tr_s, hrf) if hrf is not None else np.asarray(part, dtype=np.float64)
+        x = x.astype(np.float32).astype(np.float64)  # the precision the model's linear branch reads them at
+        mean, std = x[a:b].mean(axis=0), x[a:b].std(axis=0)
+        constant = std <= 1e-6 * np.maximum(np.abs(mean), 1e-3)
+        scale = np.where(constant, np.inf, std) * math.sqrt(x.shape[1])
+        blocks[name] = ((x - mean) / scale).astype(np.float32)
+        scales[name] = (mean, scale)
+    return blocks, scales
+
+
+def hrf_regressors(store: Store, parts: Dict[str, np.ndarray], hrf: str) -> np.ndarray:
+    """The blocks of ``tr_feature_parts`` through the canonical HRF, side by side: ``(TRs, features)`` float32."""
+    from giblet.data.alignment import convolve_hrf
+
+    return np.concatenate([convolve_hrf(part, store.tr_s, hrf) for part in parts.values()], axis=1).astype(np.float32)
 
 
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
@@ -246,7 +293,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     config = load_config(run / "config.yaml")
     model = load(checkpoint)
     mask, affine = store.mask()
-    model.attach(Stimuli.from_store(store, model.dims, config.model.decoded_frame_height, config.model.decoded_frame_width))
+    model.attach(Stimuli.from_store(store, model.dims, config.model.decoded_frame_height, config.model.decoded_frame_width,
+                                    hrf=config.alignment.hrf if model.config.linear_branch else None))
     start, stop = store.splits[split]
     prediction = predict(model, store, split)
     group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)

@@ -80,7 +80,8 @@ def load_model(checkpoint: Path, store: Store):
     model = load(checkpoint)
     model.set_lesion(None)  # intact, whatever lesion the checkpoint was saved with
     model.set_grid(*store.mask())
-    model.attach(Stimuli.from_store(store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width))
+    hrf = read_checkpoint(checkpoint)["config"]["alignment"]["hrf"] if model.config.linear_branch else None
+    model.attach(Stimuli.from_store(store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width, hrf=hrf))
     return model.eval()
 
 

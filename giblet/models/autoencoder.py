@@ -229,6 +229,16 @@ class GibletAutoencoder(nn.Module):
         widths = [width * len(self.modalities)] + hidden
         self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
         self.l7_brain = Brain(hidden[-1], self.n_units)
+        if config.linear_branch:
+            if parcel_of_voxel is not None:
+                raise ValueError("model.linear_branch is fit per voxel; a parcel model cannot have one")
+            # Empty until set_linear_branch: the width is the store's number of regressors.
+            self.register_buffer("linear_weight", torch.zeros(0, self.n_units))
+            self.register_buffer("linear_bias", torch.zeros(self.n_units))
+            # The network starts at 0: layer 7 begins as the linear model and learns what it misses.
+            nn.init.zeros_(self.l7_brain.weight)
+        else:
+            self.linear_weight = self.linear_bias = None
         back = [self.n_units] + hidden[::-1]
         self.l8_l10 = nn.ModuleList(Block(back[i], back[i + 1], config.dropout) for i in range(len(hidden)))
         self.l11_split = nn.Linear(hidden[0], width * len(self.modalities))
@@ -262,6 +272,29 @@ class GibletAutoencoder(nn.Module):
         if "mel" in self.modalities and len(mel_mean):
             self.l1_mel.mean.copy_(torch.as_tensor(mel_mean, dtype=torch.float32))
             self.l1_mel.std.copy_(torch.as_tensor(mel_std, dtype=torch.float32))
+
+    def set_linear_branch(self, weight, bias) -> None:
+        """The linear branch's map: ``weight (regressors, units)``, ``bias (units,)`` (``banded_linear_map``)."""
+        if self.linear_weight is None:
+            raise RuntimeError("this model has no linear branch (model.linear_branch is false)")
+        weight = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+        bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
+        if weight.dim() != 2 or weight.shape[1] != self.n_units or bias.shape != (self.n_units,):
+            raise ValueError(f"linear branch weight {tuple(weight.shape)} / bias {tuple(bias.shape)}; "
+                             f"expected (regressors, {self.n_units}) / ({self.n_units},)")
+        device = self.linear_bias.device
+        self.linear_weight, self.linear_bias = weight.to(device), bias.to(device)
+
+    def _linear(self, batch: Batch) -> torch.Tensor:
+        """The linear branch's prediction for the batch's TRs, ``(B, units)``."""
+        regressors = self.stimuli.regressors
+        if regressors is None or regressors.shape[1] != self.linear_weight.shape[0]:
+            raise RuntimeError(
+                f"the model's linear branch reads {self.linear_weight.shape[0]} regressors per TR; attach "
+                f"Stimuli.from_store(store, dims, h, w, hrf=<the run's alignment.hrf>) (got "
+                f"{None if regressors is None else regressors.shape[1]})"
+            )
+        return torch.addmm(self.linear_bias, regressors[batch["tr"]], self.linear_weight)
 
     def set_grid(self, mask: np.ndarray, affine: np.ndarray) -> None:
         """The voxel grid of the units (the store's mask and affine), for lesions given as ROI images."""
@@ -305,7 +338,11 @@ class GibletAutoencoder(nn.Module):
         x = self.l3_fusion(vectors)
         for block in self.l4_l6:
             x = block(x)
-        return self.l7_brain(x)
+        brain = self.l7_brain(x)
+        if self.linear_weight is not None and self.linear_weight.numel():
+            # Lesioned units stay exactly 0: the branch is silenced with them.
+            brain = brain + self._linear(batch).to(brain.dtype) * self.l7_brain.keep.to(brain.dtype)
+        return brain
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Layer 7 for a batch of windows: ``(B, units)``, lesioned units exactly 0."""
@@ -474,7 +511,8 @@ class GibletAutoencoder(nn.Module):
         saved_stimuli, was_training = self.stimuli, self.training
         h, w = self.config.decoded_frame_height, self.config.decoded_frame_width
         device = self.l7_brain.weight.device
-        self.attach(Stimuli.placeholder(self.dims, h, w).to(device))
+        branch = self.linear_weight.shape[0] if self.linear_weight is not None else 0
+        self.attach(Stimuli.placeholder(self.dims, h, w, n_regressors=branch).to(device))
         try:
             self.eval()
             with torch.no_grad():
@@ -488,7 +526,8 @@ class GibletAutoencoder(nn.Module):
 
 
 def _placeholder_batch(dims: ModelDims, batch_size: int, device) -> Batch:
-    batch: Batch = {"window_onset": torch.zeros(batch_size, dtype=torch.float64, device=device)}
+    batch: Batch = {"window_onset": torch.zeros(batch_size, dtype=torch.float64, device=device),
+                    "tr": torch.zeros(batch_size, dtype=torch.int64, device=device)}
     if dims.present("video"):
         batch["video_index"] = torch.zeros(batch_size, dims.video_slots, dtype=torch.int64, device=device)
     if dims.present("text"):

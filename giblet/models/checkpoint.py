@@ -93,6 +93,8 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     model = GibletAutoencoder(dims, config, parcel_of_voxel=parcels)
     # The grid buffers are sized by the store's mask; make room before loading them.
     model.grid_mask = torch.empty_like(state["grid_mask"])
+    if model.linear_weight is not None and "linear_weight" in state:
+        model.linear_weight = torch.empty_like(state["linear_weight"])  # sized by the store's regressors
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Checkpoints from before the mel input was standardized have no statistics: they read raw mel (mean 0, std 1).
     missing = [key for key in missing if key not in OPTIONAL_BUFFERS]

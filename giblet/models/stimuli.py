@@ -126,7 +126,8 @@ class Stimuli:
     ``frames`` uint8 (n_frames, H*W*3) rows for ``gather_project``; ``small_frames``
     uint8 (n_frames, 3, h, w): the decoded-frame targets, area-averaged once;
     ``codes`` int16 (n_codebooks, n_code_frames); ``mel`` float32 (n_mel_frames, n_mels);
-    ``text`` (n_segments, embedding_size) as stored.
+    ``text`` (n_segments, embedding_size) as stored; ``regressors`` float32 (n_TRs, features): the fixed
+    per-TR features through the HRF that a model's linear branch reads (``model.linear_branch``), or None.
     """
 
     frames: Optional[torch.Tensor]
@@ -134,10 +135,14 @@ class Stimuli:
     codes: Optional[torch.Tensor]
     mel: Optional[torch.Tensor]
     text: Optional[torch.Tensor]
+    regressors: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_store(cls, store, dims: ModelDims, decoded_height: int, decoded_width: int) -> "Stimuli":
-        frames = small = codes = mel = text = None
+    def from_store(cls, store, dims: ModelDims, decoded_height: int, decoded_width: int,
+                   hrf: Optional[str] = None) -> "Stimuli":
+        """The tables of ``store`` for a model with ``dims``; with ``hrf`` (a canonical HRF name) also the
+        regressors of a linear branch, computed as ``giblet evaluate``'s linear baselines compute them."""
+        frames = small = codes = mel = text = regressors = None
         if dims.present("video"):
             array = store.frames()
             # Read-only memmap: torch wants writable memory, and a copy keeps the table in RAM (uint8, 1.5 GB at Sherlock).
@@ -149,10 +154,16 @@ class Stimuli:
             mel = torch.from_numpy(np.asarray(store.mel(), dtype=np.float32))
         if dims.present("text"):
             text = torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32))
-        return cls(frames, small, codes, mel, text)
+        if hrf is not None:
+            from giblet.eval.evaluate import hrf_regressors
+
+            parts = regressor_parts(store, small, decoded_height, decoded_width)
+            regressors = torch.from_numpy(hrf_regressors(store, parts, hrf))
+        return cls(frames, small, codes, mel, text, regressors)
 
     @classmethod
-    def placeholder(cls, dims: ModelDims, decoded_height: int, decoded_width: int, n_rows: int = 8) -> "Stimuli":
+    def placeholder(cls, dims: ModelDims, decoded_height: int, decoded_width: int, n_rows: int = 8,
+                    n_regressors: int = 0) -> "Stimuli":
         """Zero tables with the right widths: enough to trace shapes (the layer table) without a store."""
         return cls(
             torch.zeros((n_rows, dims.frame_size), dtype=torch.uint8) if dims.present("video") else None,
@@ -160,8 +171,21 @@ class Stimuli:
             torch.zeros((max(dims.n_codebooks, 1), n_rows), dtype=torch.int16) if dims.present("codes") else None,
             torch.zeros((n_rows, max(dims.n_mels, 1)), dtype=torch.float32) if dims.present("mel") else None,
             torch.zeros((n_rows, max(dims.embedding_size, 1)), dtype=torch.float32) if dims.present("text") else None,
+            torch.zeros((n_rows, n_regressors), dtype=torch.float32) if n_regressors else None,
         )
 
     def to(self, device) -> "Stimuli":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Stimuli(move(self.frames), move(self.small_frames), move(self.codes), move(self.mel), move(self.text))
+        return Stimuli(move(self.frames), move(self.small_frames), move(self.codes), move(self.mel), move(self.text),
+                       move(self.regressors))
+
+
+def regressor_parts(store, small_frames: Optional[torch.Tensor], height: int, width: int) -> Dict[str, np.ndarray]:
+    """The fixed per-TR feature blocks of a linear branch (``giblet.eval.evaluate.tr_feature_parts``), from
+    ``small_frames`` or, for a model that reads no frames, the store's frames area-averaged to ``height`` x
+    ``width``: the same blocks whichever modalities the network reads."""
+    from giblet.eval.evaluate import tr_feature_parts
+
+    if small_frames is None and store.manifest.get("video", {}).get("shape"):
+        small_frames = _area_resize(store.frames(), height, width)
+    return tr_feature_parts(store, small_frames)

@@ -184,13 +184,21 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     model = GibletAutoencoder(dims, config.model)
     model.set_grid(*store.mask())
     model.to(device)
-    model.attach(Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width).to(device))
+    height, width = config.model.decoded_frame_height, config.model.decoded_frame_width
+    branch_hrf = config.alignment.hrf if config.model.linear_branch else None
+    model.attach(Stimuli.from_store(store, dims, height, width, hrf=branch_hrf).to(device))
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
+    if config.model.linear_branch:
+        from giblet.eval.evaluate import banded_linear_map
+        from giblet.models.stimuli import regressor_parts
+
+        # Every process fits the same (seeded) ridge on the same data: no broadcast needed.
+        model.set_linear_branch(*banded_linear_map(store, regressor_parts(store, model.stimuli.small_frames, height, width),
+                                                   config.alignment.hrf))
     if config.loss.fmri_teacher > 0:
         from giblet.eval.evaluate import banded_ridge, hrf_ridge, tr_feature_parts
 
-        # Every process fits the same (seeded) ridge on the same data: no broadcast needed.
         parts = tr_feature_parts(store, model.stimuli.small_frames)
         if config.loss.fmri_teacher_ridge == "banded":
             fit = banded_ridge(store, parts, config.alignment.hrf, ("train",))[0]["train"]
@@ -198,7 +206,10 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
             fit = hrf_ridge(store, np.concatenate(list(parts.values()), axis=1), config.alignment.hrf, "train")
         train_set.blend_targets(fit, config.loss.fmri_teacher)
     loss_fn = GibletLoss(config.loss, scales)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None) if world > 1 else model
+    # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
+    # and never changes in training: nothing to broadcast each step.
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
+           if world > 1 else model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
