@@ -94,8 +94,19 @@ def main(data: Path, store_path: Path) -> None:
     print(f"  the same features through the canonical HRF (ridge_hrf): {fraction(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group)):.3f}")
     banded = banded_ridge(store, blocks, synth.HRF_KIND, ("test",), group)[0]["test"]
     print(f"  the same, banded (ridge_banded: a kernel per stream, weighed per voxel): {fraction(banded):.3f}")
+    region_kinds = np.load(truth / "tuning.npz")["region_kind"]
 
-    kinds = np.load(truth / "tuning.npz")["region_kind"]
+    def by_kind(prediction: np.ndarray) -> str:
+        r = pearson_r(np.asarray(prediction, dtype=np.float32), tested)
+        return ", ".join(f"{kind} {r[carries & (region_kinds == kind)].mean() / r_signal[carries & (region_kinds == kind)].mean():.3f}"
+                         for kind in sorted(set(region_kinds[carries].tolist())))
+
+    print(f"    by region kind: ridge_hrf {by_kind(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group))}; ridge_banded {by_kind(banded)}")
+    for name, block in blocks.items():
+        print(f"    the {name} block alone through the HRF ({block.shape[1]} features): "
+              f"{by_kind(hrf_ridge(store, block, synth.HRF_KIND, 'test', group))}")
+
+    kinds = region_kinds
     for kind in sorted(set(kinds[carries].tolist())):
         inside = carries & (kinds == kind)
         line = f"  {kind} regions ({int(inside.sum())} voxels): that ridge {r_all[inside].mean() / r_signal[inside].mean():.3f}"

@@ -111,6 +111,11 @@ def print_metrics(metrics: dict, run: Path, split: str) -> None:
                 table.add_row(f"truth: {name} fraction of the ceiling", f"{truth[name]['fraction_of_ceiling']:.3f}")
                 if "r_vs_signal" in truth[name]:
                     table.add_row(f"truth: {name} r against the noise-free signal", f"{truth[name]['r_vs_signal']:.3f}")
+        per_subject = truth.get("per_subject")
+        if per_subject:
+            table.add_row("truth: model per-subject r / leave-one-out ceiling, signal voxels",
+                          f"{per_subject['model_over_noise_ceiling']:.3f}")
+            table.add_row("truth: noise-free signal per-subject r / that ceiling", f"{per_subject['noise_free_signal_over_noise_ceiling']:.3f}")
         for kind, entry in truth.get("by_kind", {}).items():
             names = [name for name in ("model", "ridge", "ridge_hrf", "ridge_banded") if name in entry]
             fractions = " / ".join(f"{entry[name]['fraction_of_ceiling']:.3f}" for name in names)

@@ -95,6 +95,15 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
         assert truth[name]["mean_r"] > max(0.05, truth[name]["mean_r_noise_voxels"] + 0.03), name
     assert truth["model"]["fraction_of_ceiling"] == pytest.approx(truth["model"]["mean_r"] / truth["true_signal_r"])
     assert "fraction of the ceiling" in result.output
+    # Per subject, against the leave-one-subject-out ceiling: the noise-free signal beats that ceiling (it is
+    # computed from a noisy mean of the other subjects), and the model's ratio is its mean r over the ceiling.
+    per_subject = truth["per_subject"]
+    assert per_subject["noise_free_signal_over_noise_ceiling"] > 1.05
+    assert per_subject["model_over_noise_ceiling"] == pytest.approx(per_subject["model_mean_r_subject"] / per_subject["noise_ceiling_mean"])
+    subjects = np.asarray(tiny_store.fmri()[:, start:stop], dtype=np.float32)
+    carries = signal.std(axis=0) > 0
+    assert per_subject["noise_ceiling_mean"] == pytest.approx(float(noise_ceiling(subjects)[carries].mean()), abs=1e-5)
+    assert "leave-one-out ceiling, signal voxels" in result.output
     # Per kind of signal region: the kinds the truth has, every signal voxel once, and the overall mean as
     # their voxel-weighted mean.
     kinds = np.load(tiny_data / "_truth" / "tuning.npz")["region_kind"]

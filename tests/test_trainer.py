@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -268,3 +269,33 @@ def test_weight_average_follows_the_weights_and_swaps_in_and_out():
     torch.testing.assert_close(model.weight.detach(), start + 1.0)  # the optimizer's weights are back
     average.update(step=0)  # the ramp: decay (1 + 0) / 10 = 0.1 at the first step
     torch.testing.assert_close(average.average["weight"], 0.1 * expected + 0.9 * (start + 1.0))
+
+
+def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates(tiny_data, tiny_store, tiny_config, tmp_path):
+    from giblet.eval.evaluate import banded_ridge
+    from giblet.eval.lesion import load_run
+    from giblet.models.stimuli import regressor_parts
+
+    values = tiny_config.to_dict()
+    for section, overrides in TRAIN.items():
+        values[section].update(overrides)
+    values["model"]["linear_branch"] = True
+    values["train"]["epochs"] = 1
+    config = tmp_path / "branch.yaml"
+    config.write_text(dump_config(from_dict(values)))
+    out = tmp_path / "run"
+    done = _train(tiny_data, tiny_store, out, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, store, _ = load_run(out, tiny_store.path)  # lesion's loader attaches the regressors named by the run's settings
+    assert model.linear_weight.shape[1] == tiny_store.n_voxels and model.stimuli.regressors is not None
+    result = runner.invoke(app, ["evaluate", str(out), "--store", str(tiny_store.path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    # One epoch from a silent network: layer 7 is still close to the banded ridge it started from.
+    parts = regressor_parts(tiny_store, model.stimuli.small_frames, model.config.decoded_frame_height, model.config.decoded_frame_width)
+    banded = banded_ridge(tiny_store, parts, "glover", ("test",))[0]["test"]
+    start, stop = tiny_store.splits["test"]
+    prediction = np.asarray(nib.load(str(out / "eval" / "prediction_test.nii.gz")).dataobj)[tiny_store.mask()[0]].T
+    assert prediction.shape == (stop - start, tiny_store.n_voxels)
+    assert float(np.mean([np.corrcoef(prediction[:, v], banded[:, v])[0, 1] for v in range(0, tiny_store.n_voxels, 97)])) > 0.8
+    assert np.isfinite(metrics["mean_r"])

@@ -242,6 +242,26 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     return result
 
 
+def _per_subject_truth(store: Store, split: str, prediction: np.ndarray, subjects: np.ndarray,
+                       ceiling: np.ndarray) -> Dict[str, float]:
+    """On the signal voxels: the model's and the noise-free signal's mean r against each subject, over the mean
+    leave-one-subject-out ceiling. The ceiling correlates a subject with the mean of the others, itself noisy,
+    so it sits below what a perfect model reaches: the noise-free signal's ratio says by how much."""
+    movie = Path(store.manifest["sources"]["movie"]["path"])
+    signal = np.load(movie.parent / "_truth" / "signal.npy", mmap_mode="r")
+    carries = np.asarray(signal).std(axis=0) > 0
+    start, stop = store.splits[split]
+    first = int(store.manifest["alignment"]["first_tr"])
+    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)
+
+    def mean_r_subject(values: np.ndarray) -> float:
+        return float(np.mean([pearson_r(values[:, carries], subjects[s][:, carries]) for s in range(subjects.shape[0])]))
+
+    model, perfect, loso = mean_r_subject(prediction), mean_r_subject(truth_signal), float(ceiling[carries].mean())
+    return {"model_mean_r_subject": model, "noise_free_signal_mean_r_subject": perfect, "noise_ceiling_mean": loso,
+            "model_over_noise_ceiling": model / loso, "noise_free_signal_over_noise_ceiling": perfect / loso}
+
+
 def _volume(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mask-ordered values ``(V,)`` or ``(V, T)`` onto the grid, zeros outside the mask."""
     out = np.zeros(mask.shape + values.shape[1:], dtype=np.float32)
@@ -345,6 +365,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
             scores[name], predictions[name] = fitted_r, fitted
     truth = truth_metrics(store, split, scores, predictions)
     if truth is not None:
+        if "skipped" not in truth and subjects.shape[0] > 1:
+            truth["per_subject"] = _per_subject_truth(store, split, prediction, subjects, ceiling)
         metrics["truth"] = truth
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
