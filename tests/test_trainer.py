@@ -91,18 +91,25 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     assert len(board.Scalars("train/loss")) == len(steps)
 
 
-def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_config, tmp_path):
+def _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, model=None, loss=None):
+    """A one-epoch run of the small test model with these ``model`` and ``loss`` settings; its folder."""
     values = tiny_config.to_dict()
     for section, overrides in TRAIN.items():
         values[section].update(overrides)
-    values["model"]["inputs"] = ["audio"]
-    values["loss"]["fmri_teacher"] = 0.5  # the training targets half the ridge_banded fit (mel and text blocks)
+    values["model"].update(model or {})
+    values["loss"].update(loss or {})
     values["train"]["epochs"] = 1
-    config = tmp_path / "audio_only.yaml"
+    config = tmp_path / "one_epoch.yaml"
     config.write_text(dump_config(from_dict(values)))
     out = tmp_path / "run"
     done = _train(tiny_data, tiny_store, out, config)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_config, tmp_path):
+    # The training targets half the ridge_banded fit (mel and text blocks).
+    out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"inputs": ["audio"]}, {"fmri_teacher": 0.5})
     model = giblet.load(out)
     assert model.modalities == ["mel"] and model.config.inputs == ["audio"]
     assert load_config(out / "config.yaml").loss.fmri_teacher == 0.5
@@ -276,16 +283,9 @@ def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates
     from giblet.eval.lesion import load_run
     from giblet.models.stimuli import regressor_parts
 
-    values = tiny_config.to_dict()
-    for section, overrides in TRAIN.items():
-        values[section].update(overrides)
-    values["model"]["linear_branch"] = True
-    values["train"]["epochs"] = 1
-    config = tmp_path / "branch.yaml"
-    config.write_text(dump_config(from_dict(values)))
-    out = tmp_path / "run"
-    done = _train(tiny_data, tiny_store, out, config)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # With the teacher from ridge_hrf as well (the other choice of loss.fmri_teacher_ridge).
+    out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"linear_branch": True},
+                     {"fmri_teacher": 0.5, "fmri_teacher_ridge": "hrf"})
     model, store, _ = load_run(out, tiny_store.path)  # lesion's loader attaches the regressors named by the run's settings
     assert model.linear_weight.shape[1] == tiny_store.n_voxels and model.stimuli.regressors is not None
     result = runner.invoke(app, ["evaluate", str(out), "--store", str(tiny_store.path)])
