@@ -89,5 +89,10 @@ def test_the_documented_defaults_are_the_defaults():
 
     documented = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"
     assert load_config(documented) == load_config(None)
+    import yaml
+
+    written = yaml.safe_load(documented.read_text())
+    for section, values in Config().to_dict().items():  # every key, not only the ones that differ
+        assert set(written[section]) == set(values), section
     for example in ("demo.yaml", "small_cpu.yaml"):
         load_config(documented.parent / example)
