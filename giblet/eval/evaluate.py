@@ -166,13 +166,11 @@ def _standardized_blocks(store: Store, parts: Dict[str, np.ndarray], hrf: Option
     """Each block through the HRF (``hrf`` None: as given), standardized on the training TRs and scaled so that
     its kernel has a mean diagonal of 1 (the search weighs blocks, not their widths); a column that is constant
     over the training TRs (to float32 precision) is left out (scale inf). ``(blocks, {name: (mean, scale)})``."""
-    from giblet.data.alignment import convolve_hrf
-
     a, b = store.splits["train"]
     blocks, scales = {}, {}
     for name, part in parts.items():
-        x = convolve_hrf(part, store.tr_s, hrf) if hrf is not None else np.asarray(part, dtype=np.float64)
-        x = x.astype(np.float32).astype(np.float64)  # the precision the model's linear branch reads them at
+        # Through hrf_regressors: exactly the float32 regressors the model's linear branch reads.
+        x = (hrf_regressors(store, {name: part}, hrf) if hrf is not None else np.asarray(part, dtype=np.float32)).astype(np.float64)
         mean, std = x[a:b].mean(axis=0), x[a:b].std(axis=0)
         constant = std <= 1e-6 * np.maximum(np.abs(mean), 1e-3)
         scale = np.where(constant, np.inf, std) * math.sqrt(x.shape[1])
@@ -189,13 +187,16 @@ def hrf_regressors(store: Store, parts: Dict[str, np.ndarray], hrf: str) -> np.n
 
 
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
-                  predictions: Optional[Dict[str, np.ndarray]] = None) -> Optional[Dict[str, object]]:
+                  predictions: Optional[Dict[str, np.ndarray]] = None, subjects: Optional[np.ndarray] = None,
+                  loso_ceiling: Optional[np.ndarray] = None) -> Optional[Dict[str, object]]:
     """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
 
     ``scores`` maps a name (``model``, ``ridge``, ...) to per-voxel r against the group mean. Two ceilings:
     ``noise_ceiling`` (``_truth/noise_ceiling.npy``, expected over the whole movie) and
     ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
     the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter.
+    With ``subjects`` (the split's responses, ``(subjects, TRs, voxels)``), the model's prediction and the
+    leave-one-subject-out ``loso_ceiling``, also ``per_subject`` (``_per_subject_truth``).
     """
     import nibabel as nib
 
@@ -214,12 +215,17 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t, the truth's row
     truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
     ceiling = pearson_r(truth_signal, group[:, carries])
+    if subjects is not None and subjects.shape[0] > 1 and predictions is not None and "model" in predictions:
+        per_subject = _per_subject_truth(np.asarray(predictions["model"])[:, carries], truth_signal,
+                                         subjects[:, :, carries], loso_ceiling[carries])
     result: Dict[str, object] = {
         "folder": str(truth),
         "signal_voxels": int(carries.sum()),
         "noise_ceiling": float(np.load(truth / "noise_ceiling.npy")[carries].mean()),
         "true_signal_r": float(ceiling.mean()),
     }
+    if subjects is not None and subjects.shape[0] > 1 and predictions is not None and "model" in predictions:
+        result["per_subject"] = per_subject
     for name, r in scores.items():
         result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
                         "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
@@ -242,22 +248,17 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     return result
 
 
-def _per_subject_truth(store: Store, split: str, prediction: np.ndarray, subjects: np.ndarray,
-                       ceiling: np.ndarray) -> Dict[str, float]:
-    """On the signal voxels: the model's and the noise-free signal's mean r against each subject, over the mean
-    leave-one-subject-out ceiling. The ceiling correlates a subject with the mean of the others, itself noisy,
-    so it sits below what a perfect model reaches: the noise-free signal's ratio says by how much."""
-    movie = Path(store.manifest["sources"]["movie"]["path"])
-    signal = np.load(movie.parent / "_truth" / "signal.npy", mmap_mode="r")
-    carries = np.asarray(signal).std(axis=0) > 0
-    start, stop = store.splits[split]
-    first = int(store.manifest["alignment"]["first_tr"])
-    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)
+def _per_subject_truth(prediction: np.ndarray, truth_signal: np.ndarray, subjects: np.ndarray,
+                       loso_ceiling: np.ndarray) -> Dict[str, float]:
+    """On the signal voxels (every argument already restricted to them): the model's and the noise-free
+    signal's mean r against each subject, over the mean leave-one-subject-out ceiling. The ceiling correlates
+    a subject with the mean of the others, itself noisy, so it sits below what a perfect model reaches: the
+    noise-free signal's ratio says by how much."""
 
     def mean_r_subject(values: np.ndarray) -> float:
-        return float(np.mean([pearson_r(values[:, carries], subjects[s][:, carries]) for s in range(subjects.shape[0])]))
+        return float(np.mean([pearson_r(values, subject) for subject in subjects]))
 
-    model, perfect, loso = mean_r_subject(prediction), mean_r_subject(truth_signal), float(ceiling[carries].mean())
+    model, perfect, loso = mean_r_subject(prediction), mean_r_subject(truth_signal), float(loso_ceiling.mean())
     return {"model_mean_r_subject": model, "noise_free_signal_mean_r_subject": perfect, "noise_ceiling_mean": loso,
             "model_over_noise_ceiling": model / loso, "noise_free_signal_over_noise_ceiling": perfect / loso}
 
@@ -363,10 +364,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
                 **about,
             }
             scores[name], predictions[name] = fitted_r, fitted
-    truth = truth_metrics(store, split, scores, predictions)
+    truth = truth_metrics(store, split, scores, predictions, subjects, ceiling)
     if truth is not None:
-        if "skipped" not in truth and subjects.shape[0] > 1:
-            truth["per_subject"] = _per_subject_truth(store, split, prediction, subjects, ceiling)
         metrics["truth"] = truth
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
