@@ -27,13 +27,17 @@ def synth(
     out: Path = typer.Argument(..., help="New folder to write (must not exist or be empty)."),
     preset: Preset = typer.Option(Preset.tiny, help="tiny: demo-sized, under a minute; small: ~10k voxels; sherlock-scale: Sherlock's sizes."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
+    tr: Optional[float] = typer.Option(None, "--tr", help="Another TR in seconds (e.g. 2.0); the scan keeps its duration."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Another frame rate (e.g. 23.976)."),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Multiply every noise level by this (e.g. 1.5: lower ceilings)."),
 ) -> None:
     """Write a dataset in the Sherlock layout from a known ground truth (truth in OUT/_truth/)."""
-    from giblet.data.synth import synthesize
+    from giblet.data.synth import preset_variant, synthesize
 
     started = time.perf_counter()
-    path = synthesize(out, preset.value, seed=seed)
-    console.print(f"wrote {path} ({preset.value}, seed {seed}) in {time.perf_counter() - started:.1f} s; ground truth in {path / '_truth'}")
+    sizes = preset_variant(preset.value, tr_s=tr, fps=fps, noise_scale=noise)
+    path = synthesize(out, sizes, seed=seed)
+    console.print(f"wrote {path} ({sizes.name}, seed {seed}) in {time.perf_counter() - started:.1f} s; ground truth in {path / '_truth'}")
 
 
 @app.command()

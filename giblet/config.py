@@ -41,8 +41,10 @@ class AlignmentConfig:
 
 @dataclass
 class VideoConfig:
-    width: int = 160
-    height: int = 90
+    # Frames are stored this small: at 32x18 the model reads what a coarse retinotopic map sees, and the
+    # decoder's targets are the same frames (measured: docs/experiments.md).
+    width: int = 32
+    height: int = 18
 
 
 @dataclass
@@ -73,15 +75,15 @@ class FmriConfig:
 
 @dataclass
 class WindowConfig:
-    lookback_s: float = 10.0  # stimulus before each TR that the model sees; must cover the HRF's main lobe
-    hrf_length_s: float = 32.0  # how long a response lasts; with the lookback, sets the gap between splits
+    lookback_s: float = 12.0  # stimulus before each TR that the model sees; must cover the HRF's main lobe
+    hrf_length_s: float = 20.0  # how long a response lasts (the undershoot is 2% of the peak by 20 s); sets the split gap
     video_slots: int = 48  # frames sampled (evenly, by exact time) from each window
     code_slots: int = 112  # EnCodec code frames sampled from each window
     mel_slots: int = 48  # mel averages over equal parts of each window
-    text_slots: int = 3  # annotation segments per window (the latest ones overlapping it)
+    text_slots: int = 12  # annotation segments per window
     # latest: the text_slots latest segments overlapping the window, in order (their times are not kept);
     # grid: slot s holds the segment shown at the slot's middle time, like frames (-1 where none is)
-    text_timing: str = "latest"
+    text_timing: str = "grid"
 
 
 @dataclass
@@ -100,16 +102,16 @@ class DatasetConfig:
 class ModelConfig:
     """Widths of the 13 layers; the dimensions of the data come from the store."""
 
-    frame_features: int = 256  # L1 video: shared per-frame projection (gather_project) width
-    code_features: int = 64  # L1 audio: per-codebook code embeddings, summed per code frame
-    mel_features: int = 64  # L1 audio: shared projection of each mel slot
-    segment_features: int = 256  # L1 text: shared per-segment projection (gather_project) width
-    modality_width: int = 512  # L2: each modality's vector after temporal concatenation
-    temporal_kernels: int = 0  # L2: 0 = a weight per (slot, feature); k = k temporal kernels shared by the features
-    hidden: List[int] = field(default_factory=lambda: [1024, 1024, 1024])  # L4-L6 widths; L8-L10 mirror them
-    dropout: float = 0.1
-    modality_dropout: float = 0.2  # chance of silencing a whole input modality of a training sample
-    slot_features: int = 128  # L12: width of each decoded slot before its output head
+    frame_features: int = 64  # L1 video: shared per-frame projection (gather_project) width
+    code_features: int = 16  # L1 audio: per-codebook code embeddings, summed per code frame
+    mel_features: int = 16  # L1 audio: shared projection of each mel slot
+    segment_features: int = 16  # L1 text: shared per-segment projection (gather_project) width
+    modality_width: int = 256  # L2: each modality's vector after temporal concatenation
+    temporal_kernels: int = 4  # L2: 0 = a weight per (slot, feature); k = k temporal kernels shared by the features
+    hidden: List[int] = field(default_factory=lambda: [512, 512, 512])  # L4-L6 widths; L8-L10 mirror them
+    dropout: float = 0.2
+    modality_dropout: float = 0.0  # chance of silencing a whole input modality of a training sample
+    slot_features: int = 16  # L12: width of each decoded slot before its output head
     decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
     decoded_frame_height: int = 18
     audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
@@ -122,24 +124,24 @@ class ModelConfig:
     # Training only: a linear map from each modality's L2 vector to layer 7's units, fit to the fMRI as well
     # (weight loss.fmri_per_modality), so that every modality vector carries what that stream alone predicts.
     # Predictions, lesions and the decoder never use them.
-    modality_readouts: bool = False
+    modality_readouts: bool = True
     # Layer 7 = the network's output + a linear encoding model of the same units: the stores' fixed per-TR
     # features (coarse frames, mel, mean text embedding) through the canonical HRF (alignment.hrf), mapped by
     # the ridge_banded fit on the training TRs (closed form, before the first step, then held fixed). The
     # network learns what that linear model misses; lesions silence both. Voxel units only (no parcels).
-    linear_branch: bool = False
+    linear_branch: bool = True
     parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
 
 
 @dataclass
 class LossConfig:
     fmri: float = 1.0  # MSE at L7 on z-scored targets
-    fmri_correlation: float = 0.0  # weight of the negative per-voxel correlation term over the batch
+    fmri_correlation: float = 0.5  # weight of the negative per-voxel correlation term over the batch
     # Weight of a linear teacher in the training targets: each training TR's target becomes (1 - w) x the
     # measured response + w x the in-sample fit of one of evaluate's linear baselines (fixed stimulus features
     # through the canonical HRF, shrinkage per voxel chosen by cross-validation on the training TRs), a
     # denoised target that is harder to overfit. Validation and evaluation use the measured responses. 0: off.
-    fmri_teacher: float = 0.0
+    fmri_teacher: float = 0.5
     # Which baseline's in-sample fit teaches: "banded" (ridge_banded: a kernel per stream, weighed per voxel)
     # or "hrf" (ridge_hrf: one kernel over every feature).
     fmri_teacher_ridge: str = "banded"
@@ -152,16 +154,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60  # a cap: early stopping on validation r usually ends training first
-    batch_size: int = 16  # windows per optimizer step, over all processes
+    epochs: int = 30  # a cap: early stopping on validation r usually ends training first
+    batch_size: int = 8  # windows per optimizer step, over all processes
     grad_accum: int = 1  # micro-batches per optimizer step (each process)
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05  # AdamW, on matrices only
     warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
     min_lr_fraction: float = 0.1
     clip_grad_norm: float = 1.0
     time_jitter: float = 0.0  # move each training window later by a random fraction of a TR up to this (0-1), target interpolated
-    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
+    ema_decay: float = 0.99  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
     patience: int = 8  # epochs without a better validation r before stopping
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (bitwise-repeatable runs and resumes on the CPU)

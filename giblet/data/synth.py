@@ -100,6 +100,7 @@ import time
 import warnings
 import wave
 import zlib
+import dataclasses
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -187,8 +188,9 @@ class SynthPreset:
     fmri_dtype: str  # "float32" or "int16" (with scl_slope)
     units_per_region: int = 8
     noise_maps: int = 32  # spatially smooth maps behind each subject's smooth noise
-    fps: int = 25
+    fps: float = 25.0  # may be fractional (23.976): frame k is shown at k / fps seconds
     audio_rate: int = 44100
+    noise_scale: float = 1.0  # multiplies every noise standard deviation (the ceilings fall accordingly)
 
     def __post_init__(self) -> None:
         steps_per_half_tr = self.tr_s / (2 * FINE_STEP_S)
@@ -198,6 +200,8 @@ class SynthPreset:
             raise ValueError(f"{self.scan_trs} scan TRs cannot cover the {self.movie_trs} TRs of the movie")
         if self.fmri_dtype not in ("float32", "int16"):
             raise ValueError(f"fmri_dtype must be float32 or int16, got {self.fmri_dtype!r}")
+        if not self.fps > 0 or not self.noise_scale > 0 or not self.tr_s > 0:
+            raise ValueError(f"tr_s {self.tr_s}, fps {self.fps} and noise_scale {self.noise_scale} must be positive")
 
     @property
     def movie_trs(self) -> int:
@@ -224,6 +228,27 @@ PRESETS: Dict[str, SynthPreset] = {
                                   frame_width=640, frame_height=360, grid_shape=(61, 73, 61), mask_voxels=85810,
                                   n_regions=64, fmri_dtype="int16", units_per_region=12),
 }
+
+
+def preset_variant(name: str, tr_s: Optional[float] = None, fps: Optional[float] = None,
+                   noise_scale: Optional[float] = None) -> SynthPreset:
+    """The preset ``name`` with another TR, frame rate or noise level: a dataset giblet's settings were not
+    chosen on. The scan keeps its duration in seconds (the number of volumes follows the TR)."""
+    base = _resolve_preset(name)
+    changes: Dict[str, object] = {}
+    if tr_s is not None:
+        changes.update(tr_s=float(tr_s), scan_trs=int(math.ceil(base.scan_trs * base.tr_s / float(tr_s) - 1e-9)))
+    if fps is not None:
+        changes["fps"] = float(fps)
+    if noise_scale is not None:
+        changes["noise_scale"] = float(noise_scale)
+    if not changes:
+        return base
+    label = "".join(f"-{key}{value:g}" for key, value in (("tr", tr_s), ("fps", fps), ("noise", noise_scale)) if value is not None)
+    try:
+        return dataclasses.replace(base, name=base.name + label, **changes)
+    except ValueError as error:
+        raise ConfigError(f"synthetic preset {name!r} with {label.lstrip('-')}: {error}") from None
 
 
 def synthesize(out_dir: Union[str, Path], preset: Union[str, SynthPreset] = "tiny", seed: int = 0,
@@ -718,8 +743,8 @@ def _noise_levels(preset, seed, mask, region_of_voxel, region_kinds, amplitude, 
     mean_gain = gains.mean()
     mean_noise_variance = (mean_gain * reference) ** 2 * (1.0 / target**2 - 1.0)
     n = preset.n_subjects
-    shared_std = np.sqrt(SHARED_NOISE_FRACTION * mean_noise_variance)
-    private_std = np.sqrt((1 - SHARED_NOISE_FRACTION) * mean_noise_variance * n**2 / np.sum(noise_levels**2))
+    shared_std = preset.noise_scale * np.sqrt(SHARED_NOISE_FRACTION * mean_noise_variance)
+    private_std = preset.noise_scale * np.sqrt((1 - SHARED_NOISE_FRACTION) * mean_noise_variance * n**2 / np.sum(noise_levels**2))
     signal_std = mean_gain * amplitude
     ceiling = signal_std / np.sqrt(signal_std**2 + shared_std**2 + private_std**2 * np.sum(noise_levels**2) / n**2)
     return shared_std, private_std, np.where(noise_voxel, 0.0, ceiling)
@@ -914,7 +939,8 @@ def _write_movie(path: Path, world: _World, show: Optional[bool]) -> int:
     phase = 0.0
     container = av.open(str(path), "w", format="mp4")
     try:
-        video = container.add_stream("libx264", rate=fps)
+        frame_rate = Fraction(fps).limit_denominator(1001)  # 23.976 -> 2997/125
+        video = container.add_stream("libx264", rate=frame_rate)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"preset": "ultrafast", "crf": "23"}
         audio = container.add_stream("aac", rate=rate)
@@ -923,8 +949,10 @@ def _write_movie(path: Path, world: _World, show: Optional[bool]) -> int:
         n_seconds = int(math.ceil(preset.movie_duration_s))
         with bar("write movie", total=preset.n_frames, show=show) as progress_bar:
             for second in range(n_seconds):
-                for index in range(second * fps, min((second + 1) * fps, preset.n_frames)):
-                    sample = visual[min(index * STIMULUS_CLOCK_HZ // fps, visual.shape[0] - 1)]
+                # The frames shown during this second: k / fps in [second, second + 1).
+                first_frame, end_frame = math.ceil(second * frame_rate), math.ceil((second + 1) * frame_rate)
+                for index in range(first_frame, min(end_frame, preset.n_frames)):
+                    sample = visual[min(int(index * STIMULUS_CLOCK_HZ / frame_rate), visual.shape[0] - 1)]
                     frame[:] = np.round(255 * _frame_colour(sample[columns["brightness"]],
                                                             sample[columns["background_warmth"]])).astype(np.uint8)
                     radius = sample[columns["shape_size"]] * height
@@ -938,7 +966,7 @@ def _write_movie(path: Path, world: _World, show: Optional[bool]) -> int:
                         frame[y0:y1, x0:x1][inside] = colour
                     video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
                     video_frame.pts = index
-                    video_frame.time_base = Fraction(1, fps)
+                    video_frame.time_base = 1 / frame_rate
                     for packet in video.encode(video_frame):
                         container.mux(packet)
                     progress_bar.advance(1)
