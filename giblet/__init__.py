@@ -1,6 +1,6 @@
 """giblet: a multimodal autoencoder whose layer 7 is the brain."""
 
-__version__ = "0.1.0"
+from giblet.version import __version__  # noqa: F401
 
 
 def load(run, device=None):

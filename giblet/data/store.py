@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
-import giblet
+from giblet.version import __version__
 from giblet.config import STORE_SECTIONS, Config
 from giblet.data import alignment as alignment_mod
 from giblet.data.splits import gap_seconds, split_blocks
@@ -527,7 +527,7 @@ def prepare(
         manifest: Dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "key": key,
-            "giblet_version": giblet.__version__,
+            "giblet_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "data_dir": str(Path(data_dir).resolve()),
             "sources": digests,
