@@ -3,7 +3,7 @@
 #   make install   .venv with pinned requirements (torch 2.14.1) + the native extension
 #   make build     rebuild the extension in place (incremental: seconds after editing one kernel)
 #   make test      pytest + the native ctest suite (CPU; CUDA tests skip without a GPU)
-#   make bench     `giblet bench` at Sherlock sizes, then the pytest-benchmark suite
+#   make bench     `giblet bench` (op cases at Sherlock sizes + the training step), then the pytest-benchmark suite (benchmarks/)
 #   make demo      `giblet demo`: synth a tiny dataset -> validate -> train on the CPU -> evaluate
 #
 # GIBLET_CUDA=0 builds CPU kernels only (fast local iteration); by default the
@@ -44,7 +44,7 @@ test-native: $(VENV)/.installed
 	ctest --test-dir build/cmake --output-on-failure
 
 bench: build
-	$(BIN)/giblet bench --json build/bench.json
+	$(BIN)/giblet bench --case ops --case train_step --json build/bench.json
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
 DEMO_DIR ?= demo

@@ -36,8 +36,8 @@ import torch
 from giblet.data import synth
 from giblet.data.alignment import convolve_hrf
 from giblet.data.store import open_store
-from giblet.eval.evaluate import banded_ridge, hrf_ridge, ridge_baseline, tr_feature_parts
 from giblet.eval.metrics import pearson_r
+from giblet.linear import FirRidge, HrfRidge, banded_ridge, fit_splits, regressor_parts
 
 
 def main(data: Path, store_path: Path) -> None:
@@ -58,10 +58,16 @@ def main(data: Path, store_path: Path) -> None:
     def fraction(prediction: np.ndarray) -> float:
         return float(pearson_r(np.asarray(prediction, dtype=np.float32), tested)[carries].mean()) / ceiling
 
+    def fir_ridge(x: np.ndarray, delays: int) -> np.ndarray:  # giblet evaluate's `ridge`, on the test TRs
+        return fit_splits(store, FirRidge(delays), x, ("test",), group)["test"]
+
+    def hrf_ridge(x: np.ndarray) -> np.ndarray:  # giblet evaluate's `ridge_hrf`, on the test TRs
+        return fit_splits(store, HrfRidge(store.tr_s, synth.HRF_KIND), x, ("test",), group)["test"]
+
     features = np.load(truth / "features.npz")
     true_features = np.concatenate([features["visual_tr"], features["auditory_tr"], features["language_tr"]], axis=1)
     delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
-    ridge = ridge_baseline(store, true_features[first : first + n].astype(np.float64), delays, group)
+    ridge = fir_ridge(true_features[first : first + n].astype(np.float64), delays)
     r_all = pearson_r(ridge, tested)
     print(f"  ridge on the truth's {true_features.shape[1]} stimulus features, {delays + 1} delays: {r_all[carries].mean() / ceiling:.3f}")
 
@@ -76,22 +82,22 @@ def main(data: Path, store_path: Path) -> None:
 
     true_blocks = {m: bold(fine[m]) for m in synth.MODALITIES}
     linear = np.concatenate(list(true_blocks.values()), axis=1)
-    print(f"  ridge on the truth's features through the true HRF: {fraction(ridge_baseline(store, linear, 0, group)):.3f}")
+    print(f"  ridge on the truth's features through the true HRF: {fraction(fir_ridge(linear, 0)):.3f}")
     banded_truth = banded_ridge(store, true_blocks, None, ("test",), group)[0]["test"]
     print(f"  the same, banded (a kernel per modality, weighed per voxel): {fraction(banded_truth):.3f}")
     k = preset.units_per_region
     units = np.concatenate([bold(synth._unit_activity(preset, fine, world.units, region * k + np.arange(k)))
                             for region, kind in enumerate(world.region_kinds) if kind != "noise"], axis=1)
     print(f"  ridge on the exact responses of the {units.shape[1]} neural units: "
-          f"{fraction(ridge_baseline(store, units, 0, group)):.3f}")
+          f"{fraction(fir_ridge(units, 0)):.3f}")
 
-    blocks = tr_feature_parts(store, torch.nn.functional.interpolate(
+    blocks = regressor_parts(store, torch.nn.functional.interpolate(
         torch.from_numpy(np.asarray(store.frames())).permute(0, 3, 1, 2).float(), size=(18, 32), mode="area"
     ).to(torch.uint8))
     fixed = np.concatenate(list(blocks.values()), axis=1)
     print(f"  the baseline's fixed features ({fixed.shape[1]}), {delays + 1} FIR delays: "
-          f"{fraction(ridge_baseline(store, fixed, delays, group)):.3f}")
-    print(f"  the same features through the canonical HRF (ridge_hrf): {fraction(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group)):.3f}")
+          f"{fraction(fir_ridge(fixed, delays)):.3f}")
+    print(f"  the same features through the canonical HRF (ridge_hrf): {fraction(hrf_ridge(fixed)):.3f}")
     banded = banded_ridge(store, blocks, synth.HRF_KIND, ("test",), group)[0]["test"]
     print(f"  the same, banded (ridge_banded: a kernel per stream, weighed per voxel): {fraction(banded):.3f}")
     region_kinds = np.load(truth / "tuning.npz")["region_kind"]
@@ -101,17 +107,17 @@ def main(data: Path, store_path: Path) -> None:
         return ", ".join(f"{kind} {r[carries & (region_kinds == kind)].mean() / r_signal[carries & (region_kinds == kind)].mean():.3f}"
                          for kind in sorted(set(region_kinds[carries].tolist())))
 
-    print(f"    by region kind: ridge_hrf {by_kind(hrf_ridge(store, fixed, synth.HRF_KIND, 'test', group))}; ridge_banded {by_kind(banded)}")
+    print(f"    by region kind: ridge_hrf {by_kind(hrf_ridge(fixed))}; ridge_banded {by_kind(banded)}")
     for name, block in blocks.items():
         print(f"    the {name} block alone through the HRF ({block.shape[1]} features): "
-              f"{by_kind(hrf_ridge(store, block, synth.HRF_KIND, 'test', group))}")
+              f"{by_kind(hrf_ridge(block))}")
 
     kinds = region_kinds
     for kind in sorted(set(kinds[carries].tolist())):
         inside = carries & (kinds == kind)
         line = f"  {kind} regions ({int(inside.sum())} voxels): that ridge {r_all[inside].mean() / r_signal[inside].mean():.3f}"
         if f"{kind}_tr" in features:
-            own = ridge_baseline(store, features[f"{kind}_tr"][first : first + n].astype(np.float64), delays, group)
+            own = fir_ridge(features[f"{kind}_tr"][first : first + n].astype(np.float64), delays)
             line += f"; on the {kind} features alone {pearson_r(own, tested)[inside].mean() / r_signal[inside].mean():.3f}"
         print(line)
 

@@ -14,6 +14,10 @@ OLD="$OUT/tree-$REV"
 mkdir -p "$OLD"
 export PYTHONUNBUFFERED=1 GIBLET_PROGRESS=0
 git archive "$REV" setup.py setup.cfg pyproject.toml csrc giblet | tar -x -C "$OLD" || { echo "cannot export $REV"; exit 1; }
+# Its command line too, as the package giblet_cli (setup.py maps cli/ to it): the other tree is benched with its own
+# `giblet bench`, whose imports match its giblet (giblet.bench was one module before it became a package).
+rm -rf "$OLD/giblet_cli" && git archive "$REV" cli | tar -x -C "$OLD" && mv "$OLD/cli" "$OLD/giblet_cli" \
+  || echo "no cli/ in $REV: benching it with this tree's command line"
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
 jobs=$(( ($(nproc) + 1) / 2 ))
 start=$(date +%s)
@@ -23,7 +27,7 @@ TORCH_CUDA_ARCH_LIST="$arch" GIBLET_CUDA=1 MAX_JOBS=$jobs "$PYTHON" setup.py bui
 GIBLET_SKIP_EXT=1 "$PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/install.log" 2>&1
 wait
 cases=(--case gather_project --case "bottleneck[0% lesioned]")
-bench() {  # bench NAME [PYTHONPATH]: giblet from that folder (the CLI is this tree's)
+bench() {  # bench NAME [PYTHONPATH]: giblet and giblet_cli from that folder (found before the editable install's)
   COLUMNS=160 PYTHONPATH="${2:-.}" timeout 300 "$PYTHON" -m giblet_cli.main bench --device cuda "${cases[@]}" \
     --json "$OUT/bench-$1.json" > "$OUT/bench-$1.txt" 2>&1
   note "bench $1" $?

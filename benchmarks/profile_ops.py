@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from giblet.bench import CASES, SIZES
+from giblet.bench.ops import CASES, SIZES
 
 
 def main(device_name: str = "cuda", size: str = "sherlock") -> None:

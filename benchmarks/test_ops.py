@@ -1,7 +1,7 @@
-"""pytest-benchmark suite of the native ops vs their baselines (the cases of giblet.bench).
+"""pytest-benchmark suite of the native ops vs their baselines (the cases of giblet.bench.ops).
 
-    pytest benchmarks --benchmark-only                       # Sherlock sizes on the CPU
-    GIBLET_BENCH_SIZE=small GIBLET_BENCH_DEVICE=cuda pytest benchmarks --benchmark-only
+    pytest benchmarks/test_ops.py --benchmark-only                       # Sherlock sizes on the CPU
+    GIBLET_BENCH_SIZE=small GIBLET_BENCH_DEVICE=cuda pytest benchmarks/test_ops.py --benchmark-only
 
 Each benchmark group is one case; compare the medians within a group. Peak
 memory is reported by `giblet bench`, which measures it in fresh processes.
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from giblet.bench import CASES, SIZES
+from giblet.bench.ops import CASES, SIZES
 
 SIZE = os.environ.get("GIBLET_BENCH_SIZE", "sherlock")
 DEVICE = torch.device(os.environ.get("GIBLET_BENCH_DEVICE", "cpu"))

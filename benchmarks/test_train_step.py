@@ -1,7 +1,7 @@
-"""pytest-benchmark of the model's training step, native ops vs references swapped in (giblet.bench_train).
+"""pytest-benchmark of the model's training step, native ops vs references swapped in (giblet.bench.train_step).
 
     pytest benchmarks/test_train_step.py --benchmark-only
-    GIBLET_TRAIN_BATCH=8 GIBLET_TRAIN_CONFIG=configs/small_cpu.yaml pytest benchmarks/test_train_step.py --benchmark-only
+    GIBLET_TRAIN_BATCH=8 GIBLET_TRAIN_CONFIG=configs/demo.yaml pytest benchmarks/test_train_step.py --benchmark-only
 
 One group, two rows (giblet, reference): forward, loss, backward, clipping and
 AdamW step on the same batch from the same weights (synthetic data at the tiny
@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from giblet.bench_train import VARIANTS, build_trainees, check_agreement, num_threads, step_runner, synthetic_data
+from giblet.bench.train_step import VARIANTS, build_trainees, check_agreement, num_threads, step_runner, synthetic_data
 from giblet.config import load_config
 
 DEVICE = torch.device(os.environ.get("GIBLET_BENCH_DEVICE", "cpu"))
@@ -56,4 +56,5 @@ def test_train_step(benchmark, threads, variant):
     benchmark.group = f"train_step: batch {batch_size}, {threads} threads, {description}"
     benchmark.extra_info.update(device=str(DEVICE), threads=threads, batch_size=batch_size)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    benchmark.extra_info["trs_per_s"] = batch_size / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (one untimed run)
+        benchmark.extra_info["trs_per_s"] = batch_size / benchmark.stats.stats.median

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from giblet_cli.bench import run_data_bench
 from giblet_cli.common import console, fail_cleanly
 
 app = typer.Typer(help="Make, fetch and prepare Sherlock-layout datasets.", no_args_is_help=True)
@@ -90,16 +91,4 @@ def bench(
     repeats: int = typer.Option(100, min=1, help="Timed batches per case."),
 ) -> None:
     """Time reading random batches of windows from a store (warm page cache)."""
-    from rich.table import Table
-
-    from giblet.data.bench import batch_read_times
-    from giblet.data.store import directory_size, open_store
-
-    opened = open_store(store)
-    results = batch_read_times(opened, batch, repeats)
-    table = Table(title=f"reading batches of {batch} random windows from {store} ({directory_size(store) / 2**30:.2f} GiB)")
-    for column in ("case", "median ms", "p95 ms", "max ms"):
-        table.add_column(column, justify="left" if column == "case" else "right")
-    for case, row in results.items():
-        table.add_row(case, f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['max_ms']:.2f}")
-    console.print(table)
+    run_data_bench(store, batch, repeats)

@@ -33,7 +33,8 @@ def demo(
     from giblet.data.synth import TRUTH_FOLDER, synthesize
     from giblet.eval.evaluate import evaluate
     from giblet.train.trainer import train, write_run_config
-    from giblet_cli.main import print_metrics, validate
+    from giblet_cli.evaluate import print_metrics
+    from giblet_cli.validate import validate
 
     config = config or DEMO_CONFIG
     settings = load_config(config)

@@ -118,11 +118,8 @@ class ModelConfig:
     # Input modalities the encoder reads (and the decoder reconstructs): a single-modality model is the
     # control that shows what one stream alone predicts of each region.
     inputs: List[str] = field(default_factory=lambda: ["video", "audio", "text"])
-    # Share of the reconstruction losses' gradient that reaches layer 7 and the encoder. 0: the decoder
-    # learns to read the brain layer without bending it away from the measured responses.
-    decoder_gradient_to_brain: float = 0.0
     # Training only: a linear map from each modality's L2 vector to layer 7's units, fit to the fMRI as well
-    # (weight loss.fmri_per_modality), so that every modality vector carries what that stream alone predicts.
+    # (with the fMRI term's weight), so that every modality vector carries what that stream alone predicts.
     # Predictions, lesions and the decoder never use them.
     modality_readouts: bool = True
     # Layer 7 = the network's output + a linear encoding model of the same units: the stores' fixed per-TR
@@ -130,12 +127,12 @@ class ModelConfig:
     # the ridge_banded fit on the training TRs (closed form, before the first step, then held fixed). The
     # network learns what that linear model misses; lesions silence both. Voxel units only (no parcels).
     linear_branch: bool = True
-    parcels: Optional[str] = None  # label NIfTI on the store's grid: one L7 unit per parcel instead of per voxel
 
 
 @dataclass
 class LossConfig:
-    fmri: float = 1.0  # MSE at L7 on z-scored targets
+    # The MSE at L7 on z-scored targets has weight 1: every other weight is relative to it. The decoder's
+    # gradient never reaches layer 7 (it learns to read the brain layer without bending it).
     fmri_correlation: float = 0.5  # weight of the negative per-voxel correlation term over the batch
     # Weight of a linear teacher in the training targets: each training TR's target becomes (1 - w) x the
     # measured response + w x the in-sample fit of one of evaluate's linear baselines (fixed stimulus features
@@ -145,7 +142,6 @@ class LossConfig:
     # Which baseline's in-sample fit teaches: "banded" (ridge_banded: a kernel per stream, weighed per voxel)
     # or "hrf" (ridge_hrf: one kernel over every feature).
     fmri_teacher_ridge: str = "banded"
-    fmri_per_modality: float = 1.0  # weight of the modality readouts' mean MSE (only with model.modality_readouts)
     frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
     codes: float = 1.0
     mel: float = 1.0
@@ -162,7 +158,6 @@ class TrainConfig:
     warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
     min_lr_fraction: float = 0.1
     clip_grad_norm: float = 1.0
-    time_jitter: float = 0.0  # move each training window later by a random fraction of a TR up to this (0-1), target interpolated
     ema_decay: float = 0.99  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
     patience: int = 8  # epochs without a better validation r before stopping
     seed: int = 0
@@ -301,22 +296,15 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.lr must be > 0 and train.weight_decay, clip_grad_norm, checkpoint_every_steps >= 0")
     if not (0 <= t.warmup_fraction < 1 and 0 <= t.min_lr_fraction <= 1):
         raise ConfigError(f"{source}: train.warmup_fraction must be in [0, 1) and train.min_lr_fraction in [0, 1]")
-    if not 0 <= t.time_jitter <= 1:
-        raise ConfigError(f"{source}: train.time_jitter is {t.time_jitter}; expected a fraction of a TR in [0, 1]")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay is {t.ema_decay}; expected a decay in [0, 1) (0: off)")
     m = config.model
     if not m.hidden or any(width <= 0 for width in m.hidden):
         raise ConfigError(f"{source}: model.hidden is {m.hidden}; expected a non-empty list of positive widths")
-    if m.linear_branch and m.parcels:
-        raise ConfigError(f"{source}: model.linear_branch is fit per voxel; it cannot be combined with model.parcels "
-                          f"{m.parcels!r} (set one of them)")
     if not m.inputs or len(set(m.inputs)) != len(m.inputs):
         raise ConfigError(f"{source}: model.inputs is {m.inputs}; expected one or more of video, audio, text, each once")
     if m.temporal_kernels < 0:
         raise ConfigError(f"{source}: model.temporal_kernels is {m.temporal_kernels}; expected 0 (off) or a number of kernels")
-    if not 0 <= m.decoder_gradient_to_brain <= 1:
-        raise ConfigError(f"{source}: model.decoder_gradient_to_brain is {m.decoder_gradient_to_brain}; expected a share in [0, 1]")
     for key in ("dropout", "modality_dropout"):
         if not 0 <= getattr(m, key) < 1:
             raise ConfigError(f"{source}: model.{key} is {getattr(m, key)}; expected a probability in [0, 1)")

@@ -1,4 +1,5 @@
-"""The training-step benchmark: the reference swap, the agreement of both variants, `giblet bench --case train_step`.
+"""The training-step benchmark (giblet.bench.train_step): the reference swap, the agreement of both variants,
+`giblet bench --case train_step`; and the store-reading one, `giblet bench --case data` / `giblet data bench`.
 
 Nothing here asserts on speed (timings on a shared machine are noise); the
 speed-up is what `giblet bench` and benchmarks/test_train_step.py measure.
@@ -11,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from giblet import ops, ops_reference
-from giblet import bench_train
-from giblet.bench_train import (
+from giblet.bench import train_step as bench_train
+from giblet.bench.train_step import (
     REFERENCE_OPS, VariantsDisagree, build_trainees, check_agreement, loss_and_gradients, num_threads, reference_ops,
     run_train_bench, synthetic_data,
 )
@@ -65,7 +66,8 @@ def test_synthetic_data_has_the_tiny_presets_sizes():
     config = small_config()
     data = synthetic_data(config, batch_size=5)
     dims, batch = data.dims, data.batch
-    assert dims.n_voxels == 4000 and (dims.frame_height, dims.frame_width) == (90, 160)
+    height, width = config.video.height, config.video.width  # the frames a store prepared with these settings holds
+    assert dims.n_voxels == 4000 and (dims.frame_height, dims.frame_width) == (height, width)
     assert dims.window_s == pytest.approx(config.window.lookback_s + 1.5)
     assert dims.present("mel") and not dims.present("codes")
     assert batch["fmri"].shape == (5, 4000) and batch["window_onset"].dtype == torch.float64
@@ -74,7 +76,7 @@ def test_synthetic_data_has_the_tiny_presets_sizes():
     # The frame table holds exactly the frames the windows show.
     shown = batch["video_index"][batch["video_index"] >= 0]
     assert int(shown.max()) + 1 == data.stimuli.frames.shape[0] == torch.unique(shown).numel()
-    assert data.stimuli.frames.shape[1] == 160 * 90 * 3 and data.stimuli.frames.dtype == torch.uint8
+    assert data.stimuli.frames.shape[1] == width * height * 3 and data.stimuli.frames.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("features", [["mel"], ["codes"]], ids=["mel", "codes"])
@@ -85,8 +87,9 @@ def test_both_variants_give_the_same_loss_and_gradients(features):
     agreement = check_agreement(trainee)
     assert agreement.loss_giblet == pytest.approx(agreement.loss_reference, rel=bench_train.LOSS_RTOL)
     assert agreement.grad_rel_diff <= bench_train.GRAD_RTOL
-    audio = "codes" if features == ["codes"] else "mel"
-    assert set(agreement.parts) == {"fmri", "frames", audio, "text"}
+    audio, other = ("codes", "mel") if features == ["codes"] else ("mel", "codes")
+    # Every reconstruction term, the fMRI term and the settings' other fMRI terms (correlation, per-modality readouts).
+    assert {"fmri", "frames", audio, "text"} <= set(agreement.parts) and other not in agreement.parts
     # And directly, parameter by parameter, with the dropout draws fixed.
     loss_a, _, grads_a = loss_and_gradients(trainee, "giblet", seed=3)
     loss_b, _, grads_b = loss_and_gradients(trainee, "reference", seed=3)
@@ -237,3 +240,22 @@ def test_a_prepared_store_gives_the_batch(mini_store, tmp_path):
     assert step["description"].startswith(f"store {mini_store.path}") and step["threads"] == 1
     assert f"{mini_store.n_voxels} voxels" in step["description"]
     assert "1 thread," in result.output
+
+
+def test_the_data_case_reads_the_store_as_giblet_data_bench_does(mini_store, tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "--case", "data", "--store", str(mini_store.path), "--data-batch", "4",
+                                 "--data-repeats", "3", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "reading batches of 4 random windows" in result.output
+    assert "giblet bench: " not in result.output and "training step" not in result.output, "only the data case was asked for"
+    report = json.loads(out.read_text())
+    assert report["rows"] == [] and report["train_step"] is None
+    data = report["data"]
+    assert data["batch_size"] == 4 and data["repeats"] == 3 and data["store"] == str(mini_store.path)
+    assert set(data["cases"]) == {"cross_subject: indices + fMRI", "per_subject: indices + fMRI", "cross_subject: + frames copied"}
+    for row in data["cases"].values():
+        assert 0 < row["median_ms"] <= row["p95_ms"] <= row["max_ms"]
+    same = runner.invoke(app, ["data", "bench", str(mini_store.path), "--batch", "4", "--repeats", "3"])
+    assert same.exit_code == 0, same.output
+    assert "reading batches of 4 random windows" in same.output and "per_subject: indices + fMRI" in same.output

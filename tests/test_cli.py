@@ -64,6 +64,21 @@ def test_bench_writes_rows_ratios_and_memory(tmp_path):
     assert ratios[("gather_project", "reference")]["memory"] < 1  # the reference materializes the gathered rows
 
 
+def test_bench_data_case_needs_a_store():
+    result = runner.invoke(app, ["bench", "--case", "data"])
+    assert result.exit_code == 2
+    assert "--store" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_the_memory_probe_runs_as_a_module():
+    # `giblet bench` measures each variant's memory in `python -m giblet.bench --probe CASE VARIANT SIZE`.
+    done = subprocess.run([sys.executable, "-m", "giblet.bench", "--probe", "resample_codes", "giblet", "small"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"] >= 0
+    assert "RuntimeWarning" not in done.stderr
+
+
 def test_bench_rejects_an_unknown_size():
     result = runner.invoke(app, ["bench", "--size", "huge"])
     assert result.exit_code == 2
@@ -73,7 +88,7 @@ def test_bench_rejects_an_unknown_size():
 
 PEAK_PROBE = """
 import torch
-from giblet.bench import peak_extra_in_process
+from giblet.bench.ops import peak_extra_in_process
 
 def scratch():
     torch.ones(64 * 2**20 // 4).sum()  # a 64 MiB temporary

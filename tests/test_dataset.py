@@ -127,31 +127,6 @@ def test_index_is_computed_once_and_shared(tiny_store):
 
 
 @pytest.mark.parametrize("mode", ["cross_subject", "per_subject"])
-def test_shifted_windows_move_every_stream_and_interpolate_the_target(tiny_store, mode):
-    dataset = WindowDataset(tiny_store, "train", mode)
-    last = dataset.trs.size - 1  # the split's last TR (subject 0 in per-subject mode)
-    items = np.array([5, 6, last])
-    plain = dataset.batch(items)
-    unshifted = dataset.batch(items, shift=np.zeros(3))
-    for key in plain:
-        torch.testing.assert_close(unshifted[key], plain[key])
-    shifted = dataset.batch(items, shift=np.array([0.25, 1 - 1e-9, 0.5]))
-    tr = tiny_store.tr_s
-    np.testing.assert_allclose(shifted["window_onset"].numpy(), plain["window_onset"].numpy() + np.array([0.25, 1 - 1e-9, 0.0]) * tr)
-    after = dataset.batch(items + 1 if mode == "per_subject" else np.array([6, 7, last]))
-    torch.testing.assert_close(shifted["fmri"][0], 0.75 * plain["fmri"][0] + 0.25 * plain["fmri"][1])
-    # A shift of (almost) one TR is the next TR's window in every stream, with its target.
-    for key in ("video_index", "text_index", "mel_index", "code_index"):
-        torch.testing.assert_close(shifted[key][1], after[key][1])
-    torch.testing.assert_close(shifted["fmri"][1], after["fmri"][1], atol=1e-6, rtol=0)
-    # The last TR of the split is not moved: its successor belongs to no training window.
-    for key in plain:
-        torch.testing.assert_close(shifted[key][2], plain[key][2])
-    with pytest.raises(ValueError, match="fraction of a TR"):
-        dataset.batch(items, shift=np.array([0.1, 1.0, 0.2]))
-
-
-@pytest.mark.parametrize("mode", ["cross_subject", "per_subject"])
 def test_blended_targets_mix_each_response_with_the_teachers_row_for_its_tr(tiny_store, mode):
     dataset = WindowDataset(tiny_store, "train", mode)
     items = np.arange(0, len(dataset), 7)

@@ -1,4 +1,7 @@
-"""Evaluation: per-voxel r over time, leave-one-subject-out noise ceilings, the ridge baseline, maps."""
+"""Evaluation: per-voxel r over time, leave-one-subject-out noise ceilings, the baselines beside the model, maps.
+
+The linear models themselves (the ridge baselines) are specified in test_linear.py.
+"""
 
 import json
 import os
@@ -121,55 +124,3 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
     carries = signal.std(axis=0) > 0
     against_signal = pearson_r(values[mask].T[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
     assert truth["model"]["r_vs_signal"] == pytest.approx(float(against_signal.mean()), abs=1e-4)
-
-
-def test_the_hrf_ridge_fit_of_the_training_trs_is_the_teacher_shape_and_carries_signal(tiny_data, tiny_store):
-    from giblet.eval.evaluate import hrf_ridge, tr_features
-
-    start, stop = tiny_store.splits["train"]
-    fit = hrf_ridge(tiny_store, tr_features(tiny_store, None), "glover", "train")  # mel and text features (no frames)
-    assert fit.shape == (stop - start, tiny_store.n_voxels) and fit.dtype == np.float32
-    signal = np.load(tiny_data / "_truth" / "signal.npy")
-    first = int(tiny_store.manifest["alignment"]["first_tr"])
-    carries = signal.std(axis=0) > 0
-    r = pearson_r(fit[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
-    assert r.mean() > 0.3  # a fit of the noise-free signal, not of noise alone
-
-
-def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):
-    """Voxels driven by the mel block alone, with 384 text dimensions beside it: one shared kernel spends its
-    shrinkage on both; the banded ridge gives the audio block the weight and predicts the held-out TRs better."""
-    from giblet.data.alignment import convolve_hrf
-    from giblet.eval.evaluate import banded_ridge, hrf_ridge, tr_feature_parts
-
-    parts = tr_feature_parts(tiny_store, None)  # audio (mel) and text; no frames
-    assert set(parts) == {"audio", "text"}
-    rng = np.random.default_rng(0)
-    mel = convolve_hrf(parts["audio"], tiny_store.tr_s, "glover")
-    mel = (mel - mel.mean(axis=0)) / (mel.std(axis=0) + 1e-9)
-    clean = mel @ rng.normal(size=(mel.shape[1], 20)) / np.sqrt(mel.shape[1])
-    target = (clean / clean.std(axis=0) + 1.5 * rng.normal(size=clean.shape)).astype(np.float32)
-    predictions, shares = banded_ridge(tiny_store, parts, "glover", ("train", "test"), target, n_iter=10)
-    start, stop = tiny_store.splits["test"]
-    assert predictions["test"].shape == (stop - start, 20) and predictions["test"].dtype == np.float32
-    assert predictions["train"].shape[0] == tiny_store.splits["train"][1] - tiny_store.splits["train"][0]
-    assert shares["audio"] > 0.7 and shares["audio"] + shares["text"] == pytest.approx(1.0)
-    features = np.concatenate(list(parts.values()), axis=1)
-    single = hrf_ridge(tiny_store, features, "glover", "test", target)
-    truth = clean[start:stop].astype(np.float32)
-    assert pearson_r(predictions["test"], truth).mean() > pearson_r(single, truth).mean() + 0.05
-
-
-def test_the_banded_fit_as_one_linear_map_predicts_what_the_kernel_form_predicts(tiny_store):
-    from giblet.eval.evaluate import banded_linear_map, banded_ridge, hrf_regressors, tr_feature_parts
-
-    parts = tr_feature_parts(tiny_store, None)
-    predictions, _ = banded_ridge(tiny_store, parts, "glover", ("val", "test"), n_iter=5)
-    weight, bias = banded_linear_map(tiny_store, parts, "glover", n_iter=5)
-    regressors = hrf_regressors(tiny_store, parts, "glover")
-    assert weight.shape == (regressors.shape[1], tiny_store.n_voxels) and bias.shape == (tiny_store.n_voxels,)
-    for split in ("val", "test"):
-        start, stop = tiny_store.splits[split]
-        mapped = regressors[start:stop] @ weight + bias
-        spread = np.abs(predictions[split] - predictions[split].mean(axis=0)).mean()
-        assert np.abs(mapped - predictions[split]).mean() < 1e-3 * spread

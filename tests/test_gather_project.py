@@ -212,8 +212,8 @@ def test_device_mismatch_message():
 MATERIALIZE_PROBE = """
 import json, torch
 from giblet import ops, ops_reference as ref
-from giblet.bench import peak_extra_in_process
-from giblet.bench_train import num_threads
+from giblet.bench.ops import peak_extra_in_process
+from giblet.bench.train_step import num_threads
 
 table = torch.randint(0, 256, (4096, 8192), dtype=torch.uint8)
 index = torch.randperm(4096)[:4096].reshape(64, 64)

@@ -1,11 +1,8 @@
-"""Lesions: silencing the auditory voxels' units costs the audio reconstruction more than the video, and more than
-random units; the report's files; ROI errors."""
+"""Lesions: on a model wired by hand (audio read from the auditory units, video from the visual ones), silencing a
+region costs its modality alone, more than any random units; the report's files; ROI reading and errors."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 import wave
 
 import av
@@ -16,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from giblet.config import ModelConfig, dump_config, from_dict
+from giblet.config import ModelConfig
 from giblet.data.audio import mel_spectrogram
 from giblet.data.dataset import WindowDataset
 from giblet.eval import lesion as lesion_mod
@@ -27,7 +24,7 @@ from giblet_cli.main import app
 runner = CliRunner()
 
 SMALL_MODEL = {"frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32, "hidden": [32, 32],
-               "slot_features": 8, "audio_input": "mel"}
+               "slot_features": 8, "audio_input": "mel", "linear_branch": False}
 
 
 @pytest.fixture(scope="module")
@@ -62,59 +59,145 @@ def _lesion(run, roi, store, *extra):
 # --------------------------------------------------------------------------- what a lesion shows
 
 
-# How robust this is (tiny data, 25 epochs at lr 0.003, last checkpoint, 19 random ROIs, over training seeds 0-4):
-# silencing the auditory regions raised the audio loss more than every random set of units of the same size and more
-# than the video loss for seeds 0, 1 and 2 (audio +2.7%, +1.8%, +4.5%; video -2.4%, -1.3%, -3.8%), not for seeds 3
-# (audio -0.6%, video +1.8%) and 4 (audio -5.6%, video -1.7%). Layer 7 predicts the held-out fMRI poorly on tiny
-# (validation r about 0.05-0.07), so the decoder's reading of it by modality is weak. The training is deterministic
-# on one thread, so this test sees seed 2's outcome on every run of this CPU build.
-TRAINED_MODEL = {"frame_features": 32, "code_features": 16, "mel_features": 16, "segment_features": 16, "modality_width": 64,
-                 "hidden": [128, 128, 128], "slot_features": 16, "dropout": 0.0, "modality_dropout": 0.0, "audio_input": "mel"}
-TRAINED = {"epochs": 25, "batch_size": 8, "lr": 0.003, "patience": 25, "seed": 2, "deterministic": True}
+# A model whose answer is known, with no training: layer 7 is a constant 1 on every unit (zero weights, bias 1), and the
+# decoder is wired by hand so that the audio (mel) output reads only the mean of region A's units, the video output
+# only the mean of region B's and the text output nothing. Silencing all of A moves every decoded mel value by
+# AUDIO_SHIFT standard deviations and leaves the video and text outputs alone; a random set of units moves the mel
+# output by AUDIO_SHIFT times the share of A it hits. Layer 8's LayerNorm normalises all of its features together, so
+# two features of +-BIG (and every feature paired with its negative, so the mean stays 0) dominate its statistics:
+# A's and B's features then reach the output independently, up to float32 rounding.
+BIG = 1e4
+AUDIO_SHIFT = 5.0  # standard deviations of each standardized mel band
+VIDEO_SHIFT = 6.0  # logits: a decoded pixel goes from 0.5 to about 0 or 1
+WIRED_MODEL = {**SMALL_MODEL, "hidden": [6], "modality_width": 4, "slot_features": 2, "dropout": 0.0, "modality_dropout": 0.0,
+               "linear_branch": False, "modality_readouts": False}
 PERMUTATIONS = 39  # the smallest possible p is 1 / 40
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_data, tiny_store, tiny_config, tmp_path_factory):
-    values = tiny_config.to_dict()
-    values["model"].update(TRAINED_MODEL)
-    values["train"].update(TRAINED)
-    folder = tmp_path_factory.mktemp("lesion_trained")
-    config = folder / "train.yaml"
-    config.write_text(dump_config(from_dict(values)))
-    out = folder / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "giblet_cli.main", "train", "--data", str(tiny_data), "--out", str(out),
-         "--store", str(tiny_store.path), "--config", str(config)],
-        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", GIBLET_PROGRESS="0"), timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
+def wired_model(store, region_a: np.ndarray, region_b: np.ndarray, video_sign: float = 1.0,
+                audio_sign: float = 1.0) -> GibletAutoencoder:
+    """The model above: mel reads the units of ``region_a`` (bool, mask order), video those of ``region_b``; the signs
+    say which way silencing moves each output."""
+    model = GibletAutoencoder(dims_from_manifest(store.manifest, "mel"), ModelConfig(**WIRED_MODEL))
+    assert model.modalities == ["video", "mel", "text"]
+    a, b = torch.from_numpy(region_a), torch.from_numpy(region_b)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.l7_brain.bias.fill_(1.0)  # layer 7 = 1 on every unit, whatever the stimulus
+        block = model.l8_l10[0]
+        block.linear.bias.copy_(torch.tensor([BIG, -BIG, 0, 0, 0, 0]))
+        block.linear.weight[2, a], block.linear.weight[3, a] = 1 / int(a.sum()), -1 / int(a.sum())  # +-mean of A
+        block.linear.weight[4, b], block.linear.weight[5, b] = 1 / int(b.sum()), -1 / int(b.sum())  # +-mean of B
+        scale = BIG / math.sqrt(3)  # the LayerNorm's deviation: sqrt(2 BIG^2 / 6), up to the small features
+        block.norm.weight.copy_(torch.tensor([0, 0, scale, 0, scale, 0]))
+        block.norm.bias.copy_(torch.tensor([0, 0, 4.0, 0, 4.0, 0]))  # GELU is the identity within 1e-4 above 4
+        # Layer 8's output: feature 2 = 4 + mean(A), feature 4 = 4 + mean(B). The split: video reads B, mel reads A.
+        width = model.config.modality_width
+        model.l11_split.weight[0 * width, 4] = 1.0
+        model.l11_split.weight[1 * width, 2] = 1.0
+        for modality, shift in (("video", video_sign * VIDEO_SHIFT), ("mel", audio_sign * AUDIO_SHIFT)):
+            slots = getattr(model, f"l12_{modality}")
+            slots.linear.weight.view(slots.slots, slots.features, width)[:, 0, 0] = -1.0
+            slots.linear.bias.view(slots.slots, slots.features)[:, 0] = 9.0  # 5 - mean: 4 intact, 5 silenced
+            head = getattr(model, f"l13_{modality}").linear
+            head.weight[:, 0] = shift
+            head.bias.fill_(-4.0 * shift)  # 0 intact (mel: the band mean; video: sigmoid 0.5), the shift silenced
+        model.l13_text.linear.bias.fill_(1.0)  # a constant, non-zero embedding
+    model.set_grid(*store.mask())
+    return model
 
 
 @pytest.fixture(scope="module")
-def auditory_lesion(trained_run, tiny_data, tiny_store):
-    """`giblet lesion` of the trained run with the truth's auditory regions as the ROI, over an older report."""
-    out = trained_run / "lesion" / "region_auditory"
+def regions(tiny_data, tiny_store):
+    """(auditory ROI path, visual ROI path, bool auditory units, bool visual units) of the tiny truth."""
+    from giblet.data.volume import load_roi
+
+    paths = tiny_data / "_truth" / "region_auditory.nii.gz", tiny_data / "_truth" / "region_visual.nii.gz"
+    auditory, visual = (load_roi(path, tiny_store) for path in paths)
+    assert auditory.any() and visual.any() and not (auditory & visual).any()
+    return (*paths, auditory, visual)
+
+
+@pytest.fixture(scope="module")
+def wired_run(regions, tiny_store, tmp_path_factory):
+    """A run folder with the wired model: audio from the auditory units, video from the visual units."""
+    from giblet.models import Stimuli
+
+    _, _, auditory, visual = regions
+    # Each silenced output moves away from the mean of the held-out targets the lesion is scored on (not the whole
+    # movie's): pixels towards whichever of 0 and 1 is further, mel bands up or down; the loss then only rises with
+    # the share of the region silenced.
+    model = wired_model(tiny_store, auditory, visual)
+    model.attach(Stimuli.from_store(tiny_store, model.dims, 18, 32)).eval()
+    scales = lesion_mod.LossScales.from_store(tiny_store, model)
+    targets = [t for _, _, t in lesion_mod._encode(model, WindowDataset(tiny_store, "test", "cross_subject"))]
+    frames = torch.cat([t["video"][t["video_valid"]] for t in targets])
+    mel = (torch.cat([t["mel"] for t in targets]) - torch.tensor(scales.mel_mean)) / torch.tensor(scales.mel_std)
+    model = wired_model(tiny_store, auditory, visual, video_sign=-1.0 if float(frames.mean()) > 0.5 else 1.0,
+                        audio_sign=-1.0 if float(mel.mean()) > 0 else 1.0)
+    run = tmp_path_factory.mktemp("lesion_wired") / "run"
+    save_checkpoint(model, run / "checkpoints" / "best.pt", store_key=tiny_store.key)
+    return run
+
+
+@pytest.fixture(scope="module")
+def auditory_lesion(wired_run, regions, tiny_store):
+    """`giblet lesion` of the wired run with the truth's auditory regions as the ROI, over an older report."""
+    out = wired_run / "lesion" / "region_auditory"
     out.mkdir(parents=True)
     (out / "lesion.json").write_text("{}")
     (out / "stale.txt").write_text("from an older report")
-    # The last checkpoint: the decoder keeps learning to read layer 7 after the validation r has peaked.
-    result = _lesion(trained_run / "checkpoints" / "last.pt", tiny_data / "_truth" / "region_auditory.nii.gz", tiny_store,
-                     "--permutations", str(PERMUTATIONS))
+    result = _lesion(wired_run, regions[0], tiny_store, "--permutations", str(PERMUTATIONS))
     assert result.exit_code == 0, result.output
     return out, result.output, json.loads((out / "lesion.json").read_text())
 
 
-def test_silencing_the_auditory_voxels_costs_audio_more_than_video_and_more_than_random_units(auditory_lesion, tiny_data):
+@pytest.fixture(scope="module")
+def visual_lesion(wired_run, regions, tiny_store):
+    result = _lesion(wired_run, regions[1], tiny_store, "--permutations", str(PERMUTATIONS))
+    assert result.exit_code == 0, result.output
+    return json.loads((wired_run / "lesion" / "region_visual" / "lesion.json").read_text())
+
+
+def test_silencing_the_region_the_audio_is_read_from_costs_the_audio_only_and_more_than_any_random_units(
+        auditory_lesion, regions, tiny_data):
     _, _, report = auditory_lesion
     kinds = np.load(tiny_data / "_truth" / "tuning.npz")["region_kind"]
-    assert report["roi_voxels"] == report["lesioned_units"] == int((kinds == "auditory").sum()) > 0
-    audio, video = report["modalities"]["audio"], report["modalities"]["video"]
+    assert report["roi_voxels"] == report["lesioned_units"] == int(regions[2].sum()) == int((kinds == "auditory").sum())
+    audio, video, text = (report["modalities"][name] for name in ("audio", "video", "text"))
     assert report["audio_feature"] == "mel"
-    assert audio["relative_change"] > 0
-    assert audio["relative_change"] > video["relative_change"], report["modalities"]
-    assert audio["p_value"] < 0.05, (audio, sorted(report["null_relative_change"]["audio"])[-5:])
+    # Every mel value moves by AUDIO_SHIFT deviations: the loss (about 1 intact) rises by about AUDIO_SHIFT^2.
+    assert audio["relative_change"] > AUDIO_SHIFT**2 / 4 / audio["loss_intact"], audio
+    assert abs(video["relative_change"]) < 1e-5 and text["relative_change"] == 0, report["modalities"]
+    # No random set of as many units hits all of A: each moves the mel output less.
+    assert audio["p_value"] == 1 / (1 + PERMUTATIONS), (audio, sorted(report["null_relative_change"]["audio"])[-5:])
+    assert max(report["null_relative_change"]["audio"]) < audio["relative_change"]
+    # Random units hit B's video units; the ROI does not: nothing it changes in the video is beyond chance.
+    assert video["p_value"] > 0.5 and text["p_value"] == 1.0
+
+
+def test_silencing_the_region_the_video_is_read_from_costs_the_video_only(visual_lesion, regions):
+    report = visual_lesion
+    assert report["lesioned_units"] == int(regions[3].sum())
+    audio, video, text = (report["modalities"][name] for name in ("audio", "video", "text"))
+    assert video["relative_change"] > 0.1 and video["p_value"] == 1 / (1 + PERMUTATIONS), video
+    assert abs(audio["relative_change"]) < 1e-5 and text["relative_change"] == 0, report["modalities"]
+    assert audio["p_value"] > 0.5
+
+
+def test_units_outside_both_regions_change_nothing(wired_run, regions, tiny_store):
+    model, store, _ = lesion_mod.load_run(wired_run, tiny_store.path)
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+    encoded = lesion_mod._encode(model, WindowDataset(store, "test", "cross_subject"))
+    intact = lesion_mod.modality_losses(model, loss, encoded)
+    elsewhere = torch.from_numpy(~(regions[2] | regions[3]))
+    assert lesion_mod.modality_losses(model, loss, encoded, elsewhere) == intact
+    # And the wiring is what the claim rests on: half of A moves the audio less than all of A.
+    half = torch.from_numpy(regions[2].copy())
+    half[torch.nonzero(half).flatten()[::2]] = False
+    partial = lesion_mod.modality_losses(model, loss, encoded, half)["audio"]
+    assert intact["audio"] < partial < lesion_mod.modality_losses(model, loss, encoded, torch.from_numpy(regions[2]))["audio"]
 
 
 # --------------------------------------------------------------------------- the report
@@ -187,21 +270,32 @@ def test_random_units_are_seeded(untrained_model):
 # --------------------------------------------------------------------------- errors
 
 
-def test_an_roi_on_another_grid_is_an_error_naming_the_file(untrained_run, tiny_store, tmp_path):
+def test_an_roi_on_another_grid_is_resampled_onto_the_stores_with_a_warning(untrained_run, tiny_store, tmp_path):
+    from giblet.data.volume import GridWarning
+
     mask, affine = tiny_store.mask()
-    small = _roi(tmp_path / "small_grid.nii.gz", tiny_store, shape=(10, 10, 10))
-    result = _lesion(untrained_run, small, tiny_store)
+    values = _first_voxels(tiny_store, 10)
+    same = lesion_mod.roi_voxels(_roi(tmp_path / "same.nii.gz", tiny_store, values), tiny_store)
+    # The same ROI one voxel further along x, on a grid moved by one voxel: the same voxels.
+    shifted = np.zeros_like(values)
+    shifted[1:] = values[:-1]
+    moved = affine.copy()
+    moved[:3, 3] -= affine[:3, 0]
+    with pytest.warns(GridWarning, match="nearest neighbour") as caught:
+        inside, outside = lesion_mod.roi_voxels(_roi(tmp_path / "moved.nii.gz", tiny_store, shifted, affine=moved), tiny_store)
+    assert "moved.nii.gz" in str(caught[0].message) and str(mask.shape) in str(caught[0].message)
+    np.testing.assert_array_equal(inside, same[0])
+    assert inside.sum() == 10 and outside == same[1] == 0
+    # A small grid that covers no mask voxel once resampled: an error naming the file, before the model is loaded.
+    small_affine = affine.copy()
+    small_affine[:3, 3] -= 1000 * affine[:3, 0]  # far away from the brain
+    small = _roi(tmp_path / "small_grid.nii.gz", tiny_store, np.ones((10, 10, 10), dtype=np.uint8), affine=small_affine)
+    with pytest.warns(GridWarning):
+        result = _lesion(untrained_run, small, tiny_store)
     assert result.exit_code == 2
     message = result.output.replace("\n", "")
-    assert "small_grid.nii.gz" in message and "(10, 10, 10)" in message and str(mask.shape) in message
-
-    shifted = affine.copy()
-    shifted[0, 3] += 3.0
-    moved = _roi(tmp_path / "moved.nii.gz", tiny_store, _first_voxels(tiny_store, 10), affine=shifted)
-    result = _lesion(untrained_run, moved, tiny_store)
-    assert result.exit_code == 2
-    assert "moved.nii.gz" in result.output and "affine" in result.output
-    assert not (untrained_run / "lesion" / "moved").exists()
+    assert "small_grid.nii.gz" in message and "no voxel inside" in message
+    assert not (untrained_run / "lesion" / "small_grid").exists()
 
 
 def test_an_roi_with_no_voxel_in_the_mask_is_an_error(untrained_run, tiny_store, tmp_path):
@@ -210,7 +304,7 @@ def test_an_roi_with_no_voxel_in_the_mask_is_an_error(untrained_run, tiny_store,
     result = _lesion(untrained_run, outside, tiny_store)
     assert result.exit_code == 2
     message = result.output.replace("\n", "")
-    assert "outside.nii.gz" in message and "no voxel inside" in message and f"{int((~mask).sum())} non-zero" in message
+    assert "outside.nii.gz" in message and "no voxel inside" in message and f"{int((~mask).sum())} voxels > 0" in message
     empty = _roi(tmp_path / "empty.nii.gz", tiny_store)
     assert _lesion(untrained_run, empty, tiny_store).exit_code == 2
 

@@ -1,4 +1,4 @@
-"""How fast a training loop can read batches from a store (random TRs, warm page cache)."""
+"""How fast a training loop can read batches from a store (random TRs, warm page cache): ``giblet bench --case data``."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ peak extra memory of each:
 * CUDA: ``torch.cuda.max_memory_allocated`` over one call, minus the memory
   allocated before it and the bytes returned.
 
-``giblet bench`` prints the table; ``benchmarks/`` runs the same cases under
-pytest-benchmark.
+``giblet bench`` prints the table (``--case`` one of ``CASES``, or all of them);
+``benchmarks/test_ops.py`` runs the same cases under pytest-benchmark.
 """
 
 from __future__ import annotations
@@ -311,15 +311,59 @@ def run_benchmarks(
     return rows
 
 
-def _probe(case_name: str, variant: str, size_name: str) -> None:
+# Targets of the native ops on a CPU at Sherlock's sizes, checked by `giblet bench --check`:
+# (case, baseline, measure, bound, meaning).
+TARGETS = [
+    ("gather_project", "reference", "speedup", 1.3, "at least 1.3x faster than the reference"),
+    ("gather_project", "reference", "memory", 1 / 8, "at most 1/8 of the reference's peak extra memory"),
+    ("gather_project", "torch.mm", "speedup", 0.8, "at least 80% of the speed of torch.mm on pre-gathered input"),
+    ("bottleneck[0% lesioned]", "F.linear*mask", "speedup", 1.0, "never slower than unfused F.linear + mask"),
+    ("bottleneck[10% lesioned]", "F.linear*mask", "speedup", 1.05, "at least 1.05x faster with 10% lesioned"),
+    ("resample_codes", "numpy loop", "speedup", 20.0, "at least 20x faster than a loop over TRs"),
+]
+
+
+def ratios(rows: List[Row]) -> Dict[tuple, dict]:
+    """(case, baseline) -> giblet's speed-up and memory ratio against that baseline."""
+    fused = {r.case: r for r in rows if r.variant == "giblet"}
+    found = {}
+    for row in rows:
+        if row.variant == "giblet":
+            continue
+        base = fused[row.case]
+        memory_ratio = None
+        if row.peak_extra_bytes and base.peak_extra_bytes is not None:
+            memory_ratio = base.peak_extra_bytes / row.peak_extra_bytes
+        found[(row.case, row.variant)] = {"speedup": row.median_s / base.median_s, "memory": memory_ratio}
+    return found
+
+
+@dataclass
+class TargetCheck:
+    case: str
+    meaning: str
+    measure: str  # speedup or memory
+    value: float
+    met: bool
+
+
+def check_targets(rows: List[Row], size_name: str, device: str) -> List[TargetCheck]:
+    """The ``TARGETS`` that ``rows`` measured (CPU, Sherlock sizes only; none otherwise), each met or missed."""
+    if device != "cpu" or size_name != "sherlock":
+        return []
+    found, checks = ratios(rows), []
+    for case_name, baseline, measure, bound, meaning in TARGETS:
+        value = found.get((case_name, baseline), {}).get(measure)
+        if value is None:
+            continue
+        checks.append(TargetCheck(case_name, meaning, measure, value, value <= bound if measure == "memory" else value >= bound))
+    return checks
+
+
+def probe(case_name: str, variant: str, size_name: str) -> None:
+    """Print the peak extra memory of one variant as JSON (run by ``peak_extra`` in a fresh process)."""
     torch.manual_seed(0)
     case = CASES[case_name](SIZES[size_name], torch.device("cpu"))
     run = next(v.run for v in case.variants if v.name == variant)
     print(json.dumps({"peak_extra_bytes": peak_extra_in_process(run, torch.device("cpu"))}))
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--probe":
-        _probe(*sys.argv[2:5])
-    else:
-        sys.exit("usage: python -m giblet.bench --probe CASE VARIANT SIZE   (internal; use `giblet bench`)")

@@ -16,11 +16,11 @@ speed-up is never reported for a path that computes something else.
 
 The data is synthetic and in memory by default, at the sizes of the ``tiny``
 synthetic preset (``giblet data synth --preset tiny``) prepared with the default
-settings: 4,000 voxels, 160x90 frames at 25 fps, 64-band log-mel at 50 Hz (or
+settings: 4,000 voxels, frames of the settings' video size (32x18 by default) at 25 fps, 64-band log-mel at 50 Hz (or
 EnCodec codes, 8 codebooks of 1,024 at 75 Hz, when the settings' audio input is
 codes), 1.5 s TRs, 1.5-3 s annotation segments embedded in 384 dimensions,
 windows of ``lookback_s + TR`` with the settings' slots. The frame table holds only the frames that the batch's windows
-show (the ops read nothing else), so no 400 MB movie is generated. With a
+show (the ops read nothing else), so the whole movie is never generated. With a
 prepared store, the batch is drawn from its training split and the model reads
 the store's full tables, as in training.
 
@@ -43,11 +43,13 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from giblet import ops_reference
+from giblet import ops, ops_reference
+from giblet.bench.ops import PASSES, time_calls
 from giblet.config import Config, load_config
-from giblet.data.dataset import text_index_for
+from giblet.data.dataset import WindowDataset, text_index_for, window_index
 from giblet.data.synth import PRESETS
-from giblet.models import GibletAutoencoder, ModelDims, Stimuli
+from giblet.errors import ConfigError, DataError
+from giblet.models import GibletAutoencoder, ModelDims, Stimuli, dims_from_manifest
 from giblet.models import autoencoder as autoencoder_module
 from giblet.train.losses import GibletLoss, LossScales
 
@@ -126,8 +128,6 @@ def audio_input(config: Config) -> str:
     if wanted == "auto":
         return "codes" if "codes" in features else "mel" if "mel" in features else "none"
     if wanted not in features:
-        from giblet.errors import ConfigError
-
         raise ConfigError(f"model.audio_input is {wanted!r} but audio.features is {features}; expected one of those")
     return wanted
 
@@ -156,8 +156,6 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     onsets = trs.double() * tr - lookback
 
     # Frames: only those the windows show, renumbered (the same unique rows and sharing as on the full movie).
-    from giblet import ops
-
     video_index = ops.grid_index(preset.n_frames, fps, onsets, window, config.window.video_slots)
     shown, inverse = torch.unique(video_index[video_index >= 0], return_inverse=True)
     compact = torch.full_like(video_index, -1)
@@ -209,10 +207,6 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
 
 def store_data(store, config: Config, batch_size: int, seed: int = 0) -> TrainData:
     """One batch of random training windows of a prepared store, with its full stream tables."""
-    from giblet.data.dataset import WindowDataset, window_index
-    from giblet.errors import DataError
-    from giblet.models import dims_from_manifest
-
     dims = dims_from_manifest(store.manifest, config.model.audio_input, config.model.inputs)
     dataset = WindowDataset(store, "train", config.dataset.mode, window_index(store))
     if batch_size > len(dataset):
@@ -364,15 +358,11 @@ class TrainBench:
     agreement: Agreement
 
     def to_dict(self) -> dict:
-        import dataclasses
-
         return dataclasses.asdict(self)
 
 
 def time_steps(runs: List[Callable[[], float]], steps: int, device: torch.device) -> List[List[float]]:
     """Seconds of each of ``steps`` timed calls per run (rounded up to whole passes), timed as ``giblet bench`` times ops."""
-    from giblet.bench import PASSES, time_calls
-
     return time_calls(runs, -(-steps // PASSES), device)
 
 

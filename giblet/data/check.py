@@ -44,8 +44,9 @@ def _range(low: int, high: int) -> str:
 def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = True, facts: Optional[dict] = None) -> List[Check]:
     """Run every check on ``data_dir``; ``deep`` reads each fMRI file's data, ``load_models`` loads the embedder/EnCodec.
 
-    ``facts``, when given, receives what the checks learnt; ``facts["dims"]`` the model's
-    data dimensions when every one of them could be measured.
+    ``facts``, when given, receives what the checks learnt; ``facts["manifest"]`` the manifest-shaped
+    sizes a store of this folder would have (``giblet.models.dims_from_manifest`` turns them into the
+    model's data dimensions) when every one of them could be measured.
     """
     facts = {} if facts is None else facts
     from giblet.data import audio, fmri, text, video
@@ -191,14 +192,14 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             except GibletError as error:
                 report.fail("EnCodec", error)
     if align is not None and facts.get("n_voxels") and facts.get("embedding_size") and passed(report.checks):
-        facts["dims"] = _model_dims(config, align, facts, audio.code_rate_hz(config.audio.encodec_model))
+        facts["manifest"] = _manifest_sizes(config, align, facts, audio.code_rate_hz(config.audio.encodec_model))
     return report.checks
 
 
-def _model_dims(config: Config, align, facts: dict, code_rate_hz: float):
-    """The model's data dimensions from what the checks measured, via a manifest-shaped dict."""
+def _manifest_sizes(config: Config, align, facts: dict, code_rate_hz: float) -> dict:
+    """The sizes a store's manifest would hold, from what the checks measured (the data layer stops here:
+    the model's dimensions are the models layer's to derive)."""
     from giblet.data.audio import CODEBOOK_SIZE, n_codebooks, named_architecture
-    from giblet.models.stimuli import dims_from_manifest
 
     w = config.window
     audio_entry: dict = {"features": list(config.audio.features)}
@@ -214,7 +215,7 @@ def _model_dims(config: Config, align, facts: dict, code_rate_hz: float):
         "text": {"embedding_size": facts["embedding_size"]},
         "fmri": {"n_voxels": facts["n_voxels"]},
     }
-    return dims_from_manifest(manifest, config.model.audio_input, config.model.inputs)
+    return manifest
 
 
 def _check_fmri_data(report: _Report, sources, config: Config, align) -> Optional[int]:

@@ -164,19 +164,11 @@ class WindowDataset(Dataset):
             return np.full(items.shape, -1, dtype=np.int64), self.trs[items]
         return items // self.trs.size, self.trs[items % self.trs.size]
 
-    def batch(self, items: Sequence[int], shift: Optional[np.ndarray] = None) -> Dict[str, torch.Tensor]:
-        """Samples ``items`` as one batch, read with one fancy index per array (faster than collating items).
-
-        ``shift`` (training only): per sample, a fraction of a TR in ``[0, 1)`` by which the window
-        is moved later, its target interpolated linearly between TR ``t`` and ``t + 1`` (the last TR
-        of the split is not shifted). The response is a slow, HRF-smoothed signal, so the shifted
-        windows are new inputs with close-to-right targets.
-        """
+    def batch(self, items: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """Samples ``items`` as one batch, read with one fancy index per array (faster than collating items)."""
         items = np.asarray(items, dtype=np.int64)
         if items.size and (items.min() < 0 or items.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)}) in {items.tolist()}")
-        if shift is not None:
-            return self._shifted_batch(items, np.asarray(shift, dtype=np.float64))
         subjects, trs = self._locate(items)
         if self.mode == "cross_subject":
             order = np.argsort(trs, kind="stable")
@@ -200,35 +192,6 @@ class WindowDataset(Dataset):
             batch["code_index"] = torch.from_numpy(index.codes[trs])
         if index.mel is not None:
             batch["mel_index"] = torch.from_numpy(index.mel[trs])
-        return batch
-
-    def _shifted_batch(self, items: np.ndarray, shift: np.ndarray) -> Dict[str, torch.Tensor]:
-        if shift.shape != items.shape or (shift.size and (shift.min() < 0 or shift.max() >= 1)):
-            raise ValueError(f"shift must be one fraction of a TR in [0, 1) per sample; got {shift.tolist()}")
-        batch = self.batch(items)
-        trs = batch["tr"].numpy()
-        has_next = trs < self.trs[-1]  # the split's last TR is not shifted: its successor is outside the split
-        shift = np.where(has_next, shift, 0.0)
-        nxt = self.batch(np.where(has_next, items + 1, items))["fmri"]
-        weight = torch.from_numpy(shift.astype(np.float32))[:, None]
-        batch["fmri"] = torch.lerp(batch["fmri"], nxt, weight)
-        onsets = self.index.window_onsets[trs] + shift * self.store.tr_s
-        manifest, window = self.store.manifest, self.store.manifest["window"]
-        v = manifest["video"]
-        batch["window_onset"] = torch.from_numpy(onsets)
-        batch["video_index"] = torch.from_numpy(_grid(v["shape"][0], v["rate_hz"], v["start_s"], onsets, self.index.window_s,
-                                                       window["video_slots"]))
-        times = self.store.text_times()
-        batch["text_index"] = torch.from_numpy(text_index_for(times, onsets, self.index.window_s, window))
-        audio = manifest["audio"]
-        if "code_index" in batch:
-            c = audio["codes"]
-            batch["code_index"] = torch.from_numpy(_grid(c["shape"][1], c["rate_hz"], c["start_s"], onsets, self.index.window_s,
-                                                         window["code_slots"]))
-        if "mel_index" in batch:
-            m = audio["mel"]
-            batch["mel_index"] = torch.from_numpy(_grid(m["shape"][0], m["rate_hz"], m["start_s"], onsets, self.index.window_s,
-                                                        window["mel_slots"]))
         return batch
 
     def __getitem__(self, item: int) -> Dict[str, torch.Tensor]:

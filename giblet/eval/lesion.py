@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from giblet.data import volume
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.store import Store, open_store, replace_folder
 from giblet.errors import DataError
@@ -80,7 +81,13 @@ def load_model(checkpoint: Path, store: Store):
     model = load(checkpoint)
     model.set_lesion(None)  # intact, whatever lesion the checkpoint was saved with
     model.set_grid(*store.mask())
-    hrf = read_checkpoint(checkpoint)["config"]["alignment"]["hrf"] if model.config.linear_branch else None
+    hrf = None
+    if model.linear_weight is not None and model.linear_weight.numel():  # a fitted linear branch reads the run's HRF
+        saved = read_checkpoint(checkpoint).get("config")
+        if not saved:
+            raise DataError(checkpoint, "a model with a linear branch but no run configuration",
+                            expected="a checkpoint written by `giblet train` (it carries alignment.hrf)")
+        hrf = saved["alignment"]["hrf"]
     model.attach(Stimuli.from_store(store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width, hrf=hrf))
     return model.eval()
 
@@ -92,51 +99,19 @@ def load_run(run: PathLike, store_path: Optional[PathLike] = None):
 
 
 def roi_voxels(path: PathLike, store: Store) -> Tuple[np.ndarray, int]:
-    """(bool ``(n_voxels,)`` in mask order, voxels of the ROI outside the mask) for an ROI NIfTI on the store's grid.
+    """(bool ``(n_voxels,)`` in mask order, voxels of the ROI on the store's grid outside its mask) for an ROI NIfTI.
 
-    Any non-zero, finite value is in the ROI. A different grid (shape or affine) or an ROI
-    with no voxel inside the mask is a ``DataError``: silently resampling an ROI drawn on
-    another grid would lesion voxels nobody chose.
+    Read by ``giblet.data.volume``'s one policy: an ROI on the store's grid is used as is, one on
+    another grid is resampled onto it by nearest neighbour with a warning; any value > 0 is in
+    the ROI (NaN is not). An unreadable file, an image that is not 3-D or an ROI with no voxel
+    inside the mask is a ``DataError`` naming the file.
     """
-    import nibabel as nib
-
-    path = Path(path)
-    mask, affine = store.mask()
-    if not path.is_file():
-        raise DataError(path, "ROI file not found", expected="a 3-D NIfTI mask on the store's grid")
-    try:
-        image = nib.load(str(path))
-        values = np.asanyarray(image.dataobj)
-    except Exception as error:  # nibabel raises many types for unreadable files
-        raise DataError(path, f"could not read the ROI image ({type(error).__name__}: {error})",
-                        expected="a 3-D NIfTI mask") from None
-    if values.ndim == 4 and values.shape[3] == 1:
-        values = values[..., 0]
-    if values.shape != mask.shape:
-        raise DataError(path, f"ROI grid has shape {values.shape}", expected=f"the store's grid {mask.shape}",
-                        fix="resample the ROI to the store's mask (store/mask.nii.gz) by nearest neighbour")
-    if not np.allclose(image.affine, affine, atol=1e-3):
-        raise DataError(path, f"ROI affine {np.round(image.affine, 3).tolist()}",
-                        expected=f"the store's affine {np.round(affine, 3).tolist()}",
-                        fix="resample the ROI to the store's mask (store/mask.nii.gz) by nearest neighbour")
-    roi = (values != 0) & np.isfinite(values)
-    inside = roi[mask]
-    if not inside.any():
-        raise DataError(path, f"ROI has no voxel inside the store's mask ({int(roi.sum())} non-zero voxels, "
-                        f"all outside the {int(mask.sum())}-voxel mask)", expected="at least one ROI voxel inside the mask")
-    return inside, int(roi.sum() - inside.sum())
-
-
-def roi_units(model, voxels: np.ndarray, path: PathLike) -> torch.Tensor:
-    """Layer-7 units to silence for these mask voxels: the voxels themselves, or (parcel models) the parcels
-    with at least half of their voxels in the ROI, the rule of ``model.lesion_mask``."""
-    if model.parcel_of_voxel is None:
-        return model.lesion_mask(torch.from_numpy(voxels))
-    units = model.lesion_mask(str(path))  # the ROI is on the model's grid (checked), so it is read as is
-    if not units.any():
-        raise DataError(path, f"ROI covers {int(voxels.sum())} voxels but no parcel to at least half",
-                        expected="an ROI that covers at least half of one parcel")
-    return units
+    grid = store.mask()
+    on_grid = volume.read_on_grid(path, grid, kind="ROI")
+    inside = volume.roi_in_mask(on_grid, grid, path, kind="ROI")
+    with np.errstate(invalid="ignore"):
+        in_roi = int(((on_grid > 0) & np.isfinite(on_grid)).sum())
+    return inside, in_roi - int(inside.sum())
 
 
 # --------------------------------------------------------------------------- reconstructions and losses
@@ -323,7 +298,7 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     if out.exists():
         _check_replaceable(out)
     model = load_model(checkpoint, store)
-    units = roi_units(model, voxels, roi)
+    units = model.lesion_mask(torch.from_numpy(voxels))
 
     dataset = WindowDataset(store, split, "cross_subject", window_index(store))
     loss = GibletLoss(scales=LossScales.from_store(store, model))

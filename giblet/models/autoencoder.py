@@ -8,8 +8,9 @@
     L2  per modality: slots concatenated -> one modality vector
     L3  fusion: modality vectors concatenated (a whole modality may be dropped in training)
     L4-L6  encoder blocks (Linear, LayerNorm, GELU, dropout)
-    L7  bottleneck = brain space: one unit per voxel (or parcel), identity activation,
-        lesion mask (native bottleneck op); the fMRI loss is applied here
+    L7  bottleneck = brain space: one unit per voxel, identity activation,
+        lesion mask (native bottleneck op); the fMRI loss is applied here; the decoder
+        reads it detached (the reconstruction gradient never reaches L1-L7)
     L8-L10 decoder blocks
     L11 split per modality
     L12 modality decoders: one vector per slot
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
+import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -145,7 +146,7 @@ class Fusion(nn.Module):
 
 
 class Brain(nn.Module):
-    """L7: one unit per voxel (or parcel); native ``bottleneck`` with identity activation and the lesion mask."""
+    """L7: one unit per voxel; native ``bottleneck`` with identity activation and the lesion mask."""
 
     def __init__(self, width_in: int, n_units: int) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ class GibletAutoencoder(nn.Module):
     saved in checkpoints nor broadcast by DDP.
     """
 
-    def __init__(self, dims: ModelDims, config: Optional[ModelConfig] = None, parcel_of_voxel: Optional[torch.Tensor] = None):
+    def __init__(self, dims: ModelDims, config: Optional[ModelConfig] = None):
         super().__init__()
         config = config or ModelConfig()
         self.dims, self.config = dims, config
@@ -212,15 +213,7 @@ class GibletAutoencoder(nn.Module):
             self.l1_text = GatherProjection(dims.embedding_size, config.segment_features)
             self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width, config.temporal_kernels)
         self.l3_fusion = Fusion(len(self.modalities), config.modality_dropout)
-        if parcel_of_voxel is not None:
-            parcel_of_voxel = torch.as_tensor(parcel_of_voxel, dtype=torch.int64)
-            if parcel_of_voxel.shape != (dims.n_voxels,) or parcel_of_voxel.min() < 0:
-                raise ValueError(f"parcel_of_voxel must be ({dims.n_voxels},) parcel numbers >= 0")
-            self.register_buffer("parcel_of_voxel", parcel_of_voxel)
-            self.n_units = int(parcel_of_voxel.max()) + 1
-        else:
-            self.parcel_of_voxel = None
-            self.n_units = dims.n_voxels
+        self.n_units = dims.n_voxels
         # Training only (deep supervision of L2): each modality vector alone, read out to layer 7's units.
         self.modality_readouts = (
             nn.ModuleDict({m: nn.Linear(width, self.n_units) for m in self.modalities}) if config.modality_readouts else None
@@ -230,8 +223,6 @@ class GibletAutoencoder(nn.Module):
         self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
         self.l7_brain = Brain(hidden[-1], self.n_units)
         if config.linear_branch:
-            if parcel_of_voxel is not None:
-                raise ValueError("model.linear_branch is fit per voxel; a parcel model cannot have one")
             # Empty until set_linear_branch: the width is the store's number of regressors.
             self.register_buffer("linear_weight", torch.zeros(0, self.n_units))
             self.register_buffer("linear_bias", torch.zeros(self.n_units))
@@ -385,38 +376,33 @@ class GibletAutoencoder(nn.Module):
         windows = self._windows(batch)
         vectors: Dict[str, torch.Tensor] = {}
         brain = self._encode(batch, windows, vectors)
-        share = self.config.decoder_gradient_to_brain
-        # Same values either way; only how much of the reconstruction gradient flows back into layer 7.
-        seen_by_decoder = brain if share == 1 else brain.detach() if share == 0 else brain * share + brain.detach() * (1 - share)
-        out = {"brain": brain, "reconstructions": self.decode(seen_by_decoder), "targets": self.targets(batch, windows)}
+        # The decoder learns to read layer 7 without bending it: the reconstruction losses' gradient stops here,
+        # so layers 1-7 learn from the fMRI terms alone.
+        out = {"brain": brain, "reconstructions": self.decode(brain.detach()), "targets": self.targets(batch, windows)}
         if self.modality_readouts is not None and self.training:
             out["modality_brain"] = {m: self.modality_readouts[m](vector) for m, vector in vectors.items()}
         return out
 
     def brain_targets(self, fmri: torch.Tensor) -> torch.Tensor:
-        """fMRI ``(B, voxels)`` in unit space: itself, or each parcel's mean."""
-        if self.parcel_of_voxel is None:
-            return fmri
-        sums = fmri.new_zeros(fmri.shape[0], self.n_units).index_add_(1, self.parcel_of_voxel, fmri)
-        counts = torch.bincount(self.parcel_of_voxel, minlength=self.n_units).clamp(min=1).to(fmri.dtype)
-        return sums / counts
+        """fMRI ``(B, voxels)`` in unit space: itself (one layer-7 unit per voxel)."""
+        return fmri
 
     # ------------------------------------------------------------------ lesions
 
-    def lesion_mask(self, spec: Union[torch.Tensor, np.ndarray, Sequence[int], str], threshold: float = 0.5) -> torch.Tensor:
+    def lesion_mask(self, spec: Union[torch.Tensor, np.ndarray, Sequence[int], str]) -> torch.Tensor:
         """Units to silence, as bool ``(units,)``, from a bool vector, unit indices, or an ROI NIfTI path.
 
-        An ROI image is read on the store's grid; with another affine it is resampled
-        to that grid by nearest neighbour (with a warning). In parcel mode a parcel is
-        lesioned when at least ``threshold`` of its voxels are in the ROI.
+        An ROI image is read onto the model's voxel grid (``set_grid``) by ``giblet.data.volume.load_roi``:
+        as is on the same grid, resampled by nearest neighbour (with a warning) from another; value > 0 is in.
         """
         if isinstance(spec, (str, bytes)) or hasattr(spec, "__fspath__"):
-            voxels = torch.from_numpy(self._roi_voxels(str(spec)))
-            if self.parcel_of_voxel is None:
-                return voxels.to(self.l7_brain.keep.device)
-            inside = torch.zeros(self.n_units, dtype=torch.float64).index_add_(0, self.parcel_of_voxel.cpu(), voxels.double())
-            sizes = torch.bincount(self.parcel_of_voxel.cpu(), minlength=self.n_units).clamp(min=1)
-            return (inside / sizes >= threshold).to(self.l7_brain.keep.device)
+            from giblet.data.volume import load_roi
+
+            if self.grid_mask.numel() == 0:
+                raise RuntimeError("the model has no voxel grid: call model.set_grid(mask, affine) with the store's mask")
+            spec = os.fsdecode(spec)
+            voxels = load_roi(spec, (self.grid_mask.cpu().numpy(), self.grid_affine.cpu().numpy()))
+            return torch.from_numpy(voxels).to(self.l7_brain.keep.device)
         tensor = torch.as_tensor(np.asarray(spec))
         if tensor.dtype == torch.bool:
             if tensor.shape != (self.n_units,):
@@ -428,39 +414,6 @@ class GibletAutoencoder(nn.Module):
         mask = torch.zeros(self.n_units, dtype=torch.bool)
         mask[indices] = True
         return mask.to(self.l7_brain.keep.device)
-
-    def _roi_voxels(self, path: str) -> np.ndarray:
-        import nibabel as nib
-
-        from giblet.errors import DataError
-
-        if self.grid_mask.numel() == 0:
-            raise RuntimeError("the model has no voxel grid: call model.set_grid(mask, affine) with the store's mask")
-        grid_mask = self.grid_mask.cpu().numpy()
-        affine = self.grid_affine.cpu().numpy()
-        try:
-            image = nib.load(path)
-            roi = np.asarray(image.dataobj)
-        except Exception as error:  # nibabel raises many types for unreadable files
-            raise DataError(path, f"could not read the ROI image ({error})", expected="a 3-D NIfTI mask") from None
-        if roi.ndim == 4 and roi.shape[3] == 1:
-            roi = roi[..., 0]
-        if roi.ndim != 3:
-            raise DataError(path, f"ROI has shape {roi.shape}", expected="a 3-D mask")
-        if roi.shape != grid_mask.shape or not np.allclose(image.affine, affine, atol=1e-3):
-            warnings.warn(
-                f"{path}: ROI grid {roi.shape} / affine differ from the store's {grid_mask.shape}; "
-                "resampled to the store's grid by nearest neighbour",
-                stacklevel=3,
-            )
-            ijk = np.argwhere(grid_mask)
-            world = np.c_[ijk, np.ones(len(ijk))] @ affine.T
-            roi_ijk = np.rint(world @ np.linalg.inv(image.affine).T)[:, :3].astype(np.int64)
-            inside = np.all((roi_ijk >= 0) & (roi_ijk < np.array(roi.shape)), axis=1)
-            values = np.zeros(len(ijk), dtype=bool)
-            values[inside] = roi[tuple(roi_ijk[inside].T)] > 0
-            return values
-        return (roi > 0)[grid_mask]
 
     def set_lesion(self, spec=None) -> None:
         """Silence these units from now on (None: none)."""

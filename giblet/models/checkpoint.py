@@ -79,6 +79,15 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
+# Model settings that older checkpoints carry and the model no longer has: model.parcels (checked to be unset) and
+# model.decoder_gradient_to_brain (training only: the decoder now always reads layer 7 detached).
+REMOVED_SETTINGS = ("parcels", "decoder_gradient_to_brain")
+
+
+def _model_settings(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """The saved model settings, less the removed ones that ``ModelConfig`` no longer takes."""
+    fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    return {key: value for key, value in saved.items() if key in fields or key not in REMOVED_SETTINGS}
 
 
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
@@ -87,10 +96,12 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     payload = read_checkpoint(path)
     arch = payload["architecture"]
     dims = ModelDims.from_dict(arch["dims"])
-    config = ModelConfig(**arch["model"])
     state = payload["model"]
-    parcels = state.get("parcel_of_voxel")
-    model = GibletAutoencoder(dims, config, parcel_of_voxel=parcels)
+    if "parcel_of_voxel" in state or (arch["model"].get("parcels") or None) is not None:
+        raise DataError(path, "checkpoint of a parcel model (one layer-7 unit per parcel)",
+                        expected="a model with one layer-7 unit per voxel: parcel models are no longer supported")
+    config = ModelConfig(**_model_settings(arch["model"]))
+    model = GibletAutoencoder(dims, config)
     # The grid buffers are sized by the store's mask; make room before loading them.
     model.grid_mask = torch.empty_like(state["grid_mask"])
     if model.linear_weight is not None and "linear_weight" in state:

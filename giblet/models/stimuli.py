@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from giblet.linear import area_resize, hrf_regressors, regressor_parts
 
 MODALITIES = ("video", "codes", "mel", "text")
 
@@ -109,16 +110,6 @@ def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto",
     return ModelDims(**values).restricted_to(inputs)
 
 
-def _area_resize(frames: np.ndarray, height: int, width: int, chunk: int = 512) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> uint8 (N, 3, height, width), area-averaged, a chunk at a time."""
-    out = torch.empty((frames.shape[0], 3, height, width), dtype=torch.uint8)
-    for start in range(0, frames.shape[0], chunk):
-        block = torch.from_numpy(np.array(frames[start : start + chunk])).permute(0, 3, 1, 2).float()
-        small = F.interpolate(block, size=(height, width), mode="area")
-        out[start : start + chunk] = small.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
 @dataclass
 class Stimuli:
     """The stream tables of one store, on one device.
@@ -141,13 +132,13 @@ class Stimuli:
     def from_store(cls, store, dims: ModelDims, decoded_height: int, decoded_width: int,
                    hrf: Optional[str] = None) -> "Stimuli":
         """The tables of ``store`` for a model with ``dims``; with ``hrf`` (a canonical HRF name) also the
-        regressors of a linear branch, computed as ``giblet evaluate``'s linear baselines compute them."""
+        regressors of a linear branch (``giblet.linear.hrf_regressors`` of ``regressor_parts``)."""
         frames = small = codes = mel = text = regressors = None
         if dims.present("video"):
             array = store.frames()
             # Read-only memmap: torch wants writable memory, and a copy keeps the table in RAM (uint8, 1.5 GB at Sherlock).
             frames = torch.from_numpy(np.array(array).reshape(array.shape[0], -1))
-            small = _area_resize(array, decoded_height, decoded_width)
+            small = area_resize(array, decoded_height, decoded_width)
         if dims.present("codes"):
             codes = torch.from_numpy(np.array(store.codes()))
         if dims.present("mel"):
@@ -155,8 +146,6 @@ class Stimuli:
         if dims.present("text"):
             text = torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32))
         if hrf is not None:
-            from giblet.eval.evaluate import hrf_regressors
-
             parts = regressor_parts(store, small, decoded_height, decoded_width)
             regressors = torch.from_numpy(hrf_regressors(store, parts, hrf))
         return cls(frames, small, codes, mel, text, regressors)
@@ -178,14 +167,3 @@ class Stimuli:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Stimuli(move(self.frames), move(self.small_frames), move(self.codes), move(self.mel), move(self.text),
                        move(self.regressors))
-
-
-def regressor_parts(store, small_frames: Optional[torch.Tensor], height: int, width: int) -> Dict[str, np.ndarray]:
-    """The fixed per-TR feature blocks of a linear branch (``giblet.eval.evaluate.tr_feature_parts``), from
-    ``small_frames`` or, for a model that reads no frames, the store's frames area-averaged to ``height`` x
-    ``width``: the same blocks whichever modalities the network reads."""
-    from giblet.eval.evaluate import tr_feature_parts
-
-    if small_frames is None and store.manifest.get("video", {}).get("shape"):
-        small_frames = _area_resize(store.frames(), height, width)
-    return tr_feature_parts(store, small_frames)

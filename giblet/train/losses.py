@@ -95,6 +95,11 @@ def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float 
     return (p * t).sum(dim=0) / (p.norm(dim=0) * t.norm(dim=0) + eps)
 
 
+# The terms whose weight is not a setting: the fMRI MSE is the unit the other weights are measured in, and the
+# modality readouts (model.modality_readouts) are fit to the same targets with the same weight.
+UNIT_WEIGHT = {"fmri": 1.0, "fmri_per_modality": 1.0}
+
+
 class GibletLoss(nn.Module):
     """``loss(output) -> (total, parts)`` for ``output = model(batch)``; ``parts`` holds each term, unweighted."""
 
@@ -140,5 +145,5 @@ class GibletLoss(nn.Module):
             parts["text"] = _sample_mean(distance, targets["text_valid"]) / self.scales.text
         total = brain.new_zeros(())
         for name, value in parts.items():
-            total = total + getattr(w, name) * value
+            total = total + (UNIT_WEIGHT[name] if name in UNIT_WEIGHT else getattr(w, name)) * value
         return total, parts

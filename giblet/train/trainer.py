@@ -30,6 +30,7 @@ from giblet.config import Config, dump_config, load_config
 from giblet.data.dataset import ShardSampler, WindowDataset, window_index
 from giblet.data.store import Store, open_store
 from giblet.errors import DataError
+from giblet.linear import linear_prior, regressor_parts
 from giblet.models import GibletAutoencoder, Stimuli, dims_from_manifest
 from giblet.models.checkpoint import read_checkpoint, save_checkpoint
 from giblet.train.losses import GibletLoss, LossScales
@@ -189,22 +190,16 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     model.attach(Stimuli.from_store(store, dims, height, width, hrf=branch_hrf).to(device))
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
-    if config.model.linear_branch:
-        from giblet.eval.evaluate import banded_linear_map
-        from giblet.models.stimuli import regressor_parts
-
-        # Every process fits the same (seeded) ridge on the same data: no broadcast needed.
-        model.set_linear_branch(*banded_linear_map(store, regressor_parts(store, model.stimuli.small_frames, height, width),
-                                                   config.alignment.hrf))
-    if config.loss.fmri_teacher > 0:
-        from giblet.eval.evaluate import banded_ridge, hrf_ridge, tr_feature_parts
-
-        parts = tr_feature_parts(store, model.stimuli.small_frames)
-        if config.loss.fmri_teacher_ridge == "banded":
-            fit = banded_ridge(store, parts, config.alignment.hrf, ("train",))[0]["train"]
-        else:
-            fit = hrf_ridge(store, np.concatenate(list(parts.values()), axis=1), config.alignment.hrf, "train")
-        train_set.blend_targets(fit, config.loss.fmri_teacher)
+    teacher = config.loss.fmri_teacher > 0
+    if config.model.linear_branch or teacher:
+        # One banded fit for both the branch and the banded teacher. Every process fits the same (seeded) ridge
+        # on the same data: no broadcast needed.
+        prior = linear_prior(store, regressor_parts(store, model.stimuli.small_frames, height, width), config.alignment.hrf,
+                             branch=config.model.linear_branch, teacher=config.loss.fmri_teacher_ridge if teacher else None)
+        if config.model.linear_branch:
+            model.set_linear_branch(prior.weight, prior.bias)
+        if teacher:
+            train_set.blend_targets(prior.fit, config.loss.fmri_teacher)
     loss_fn = GibletLoss(config.loss, scales)
     # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
     # and never changes in training: nothing to broadcast each step.
@@ -274,15 +269,13 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
             sampler = ShardSampler(len(train_set), rank, world, shuffle=True, seed=t.seed, pad=False)
             sampler.set_epoch(epoch)
             order = list(sampler)
-            # Window shifts drawn per sample index from (seed, epoch): the same on every rank, for any process count.
-            shifts = np.random.default_rng([t.seed, epoch]).random(len(train_set)) * t.time_jitter if t.time_jitter > 0 else None
             first = step - epoch * steps_per_epoch  # optimizer steps already done in this epoch (resume mid-epoch)
             for step_in_epoch in range(first, steps_per_epoch):
                 sums = torch.zeros(2, dtype=torch.float64, device=device)
                 for micro in range(t.grad_accum):
                     at = (step_in_epoch * t.grad_accum + micro) * per_rank
                     items = order[at : at + per_rank]
-                    batch = to_device(train_set.batch(items, None if shifts is None else shifts[items]), device)
+                    batch = to_device(train_set.batch(items), device)
                     sync = micro == t.grad_accum - 1 or world == 1
                     with ddp.no_sync() if not sync else contextlib.nullcontext():
                         with autocast():

@@ -1,0 +1,11 @@
+"""Benchmarks of giblet, behind ``giblet bench``:
+
+* ``giblet.bench.ops``: the native ops against their baselines (time and peak extra memory);
+* ``giblet.bench.train_step``: the model's training step with the native ops and with the references;
+* ``giblet.bench.data``: reading random batches of windows from a prepared store.
+
+``benchmarks/`` runs the same cases under pytest-benchmark. The layering: this package may
+import giblet's other layers (config, ops, data, linear, models, train); only the command
+line and ``benchmarks/`` import it. Nothing is imported here: each module is loaded on its
+own (a memory probe, ``python -m giblet.bench --probe``, loads the op cases only).
+"""

@@ -1,0 +1,94 @@
+"""The linear models fit on a store: on its training TRs, against the group-mean response by default.
+
+``fit_splits`` fits any of the estimators of ``giblet.linear.ridge`` and predicts splits (``giblet evaluate``'s
+baselines); ``linear_prior`` is what training starts from (the linear branch, the linear teacher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from giblet.data.store import Store
+from giblet.linear.ridge import BANDED_SEARCH, BandedRidge, HrfRidge
+
+TEACHER_RIDGES = ("banded", "hrf")
+
+
+def _target(store: Store, target: Optional[np.ndarray]) -> np.ndarray:
+    return np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
+
+
+def fit_splits(store: Store, estimator, X, splits: Sequence[str] = ("test",),
+               target: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Fit ``estimator`` on the train TRs of ``X`` (per-TR features of every store TR, or a dict of blocks for
+    ``BandedRidge``) and ``target`` (``(TRs, voxels)``; default: the group mean); its float32 predictions for
+    each of ``splits`` (``train``: the in-sample fit). The fitted estimator is left in ``estimator``."""
+    target = _target(store, target)
+    estimator.fit(X, target, rows=slice(*store.splits["train"]))
+    return {split: estimator.predict(X, rows=slice(*store.splits[split])) for split in splits}
+
+
+def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str], splits: Sequence[str] = ("test",),
+                 target: Optional[np.ndarray] = None, n_iter: int = BANDED_SEARCH, seed: int = 0
+                 ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    """The ``ridge_banded`` baseline: ``BandedRidge`` on the blocks of ``regressor_parts`` through ``hrf`` (None:
+    the blocks are regressors already), fit as ``fit_splits`` fits. Returns the predictions for each of
+    ``splits`` and the mean share of each block's kernel weight over the voxels."""
+    model = BandedRidge(store.tr_s, hrf, n_iter, seed)
+    predictions = fit_splits(store, model, parts, splits, target)
+    return predictions, model.block_shares_
+
+
+def banded_linear_map(store: Store, parts: Dict[str, np.ndarray], hrf: str, target: Optional[np.ndarray] = None,
+                      n_iter: int = BANDED_SEARCH, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """``banded_ridge``'s fit as one linear map ``(weight (features, voxels), bias (voxels,))`` float32 on
+    ``hrf_regressors(store, parts, hrf)``: ``BandedRidge.linear_map``."""
+    model = BandedRidge(store.tr_s, hrf, n_iter, seed)
+    model.fit(parts, _target(store, target), rows=slice(*store.splits["train"]))
+    return model.linear_map()
+
+
+@dataclass(frozen=True)
+class LinearPrior:
+    """What training starts from. ``weight (features, voxels)``, ``bias (voxels,)`` float32: the banded ridge as
+    one linear map on ``hrf_regressors`` (``model.set_linear_branch``), None without a branch. ``fit (train
+    TRs, voxels)`` float32: a ridge's in-sample fit of the training TRs (``WindowDataset.blend_targets``),
+    None without a teacher. ``shares``: the banded ridge's block weight shares, None when it was not fit."""
+
+    weight: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+    fit: Optional[np.ndarray]
+    shares: Optional[Dict[str, float]]
+
+
+def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: bool = True,
+                 teacher: Optional[str] = "banded", target: Optional[np.ndarray] = None,
+                 n_iter: int = BANDED_SEARCH, seed: int = 0) -> LinearPrior:
+    """The linear branch (``branch``) and the linear teacher's fit (``teacher``: ``banded``, ``hrf`` or None) for
+    the blocks ``parts`` (``regressor_parts``) through ``hrf``, fit on the train TRs of ``target`` (default: the
+    group mean).
+
+    The banded ridge is fit once, when either needs it: the branch is its ``linear_map()`` and the ``banded``
+    teacher its ``predict`` on the training TRs (the kernel form, as ``banded_ridge`` predicts; ``hrf_regressors
+    @ weight + bias`` differs from it by the float32 rounding of the kernels, ~1e-4 of the spread). The ``hrf`` teacher is ``HrfRidge``'s in-sample fit on the blocks side by side.
+    Seeded: every process computes the same prior from the same store.
+    """
+    if teacher is not None and teacher not in TEACHER_RIDGES:
+        raise ValueError(f"teacher is {teacher!r}; expected one of {TEACHER_RIDGES} or None")
+    target = _target(store, target)
+    train = slice(*store.splits["train"])
+    weight = bias = fit = shares = None
+    if branch or teacher == "banded":
+        banded = BandedRidge(store.tr_s, hrf, n_iter, seed).fit(parts, target, rows=train)
+        shares = banded.block_shares_
+        if branch:
+            weight, bias = banded.linear_map()
+        if teacher == "banded":
+            fit = banded.predict(parts, rows=train)
+    if teacher == "hrf":
+        features = np.concatenate(list(parts.values()), axis=1)
+        fit = HrfRidge(store.tr_s, hrf).fit(features, target, rows=train).predict(features, rows=train)
+    return LinearPrior(weight, bias, fit, shares)

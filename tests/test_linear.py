@@ -1,0 +1,168 @@
+"""Linear encoding models: the per-TR regressors, the FIR / HRF / banded ridges on plain arrays, and their fits
+on a store (evaluate's baselines, the trainer's linear branch and teacher)."""
+
+import numpy as np
+import pytest
+
+from giblet.data.alignment import convolve_hrf, fir_delays
+from giblet.eval.metrics import pearson_r
+from giblet.linear import (BandedRidge, FirRidge, HrfRidge, area_resize, banded_ridge, convolve_parts, fit_splits,
+                           hrf_regressors, linear_prior, regressor_parts)
+
+TR = 1.5
+FIT, HELD = slice(0, 240), slice(240, 320)  # one continuous series: fit on its start, predict its end
+
+
+def close_to(mapped: np.ndarray, predicted: np.ndarray, tolerance: float = 1e-3) -> bool:
+    """Mean absolute difference below ``tolerance`` of the predictions' mean spread around their mean."""
+    spread = np.abs(predicted - predicted.mean(axis=0)).mean()
+    return float(np.abs(mapped - predicted).mean()) < tolerance * spread
+
+
+def responses(signal: np.ndarray, rng, noise: float = 0.5) -> np.ndarray:
+    """``signal`` scaled to unit variance per voxel, plus Gaussian noise: float32."""
+    return (signal / signal.std(axis=0) + noise * rng.normal(size=signal.shape)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- estimators on plain arrays
+
+
+def test_the_fir_ridge_learns_a_time_course_per_feature_and_finds_a_delayed_response():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(320, 4))
+    w = rng.normal(size=(4, 6))
+    clean = np.zeros((320, 6))
+    clean[2:] = x[:-2] @ w  # every voxel answers two TRs late
+    y = responses(clean, rng, 0.3)
+    model = FirRidge(delays=3).fit(x, y, rows=FIT)
+    prediction = model.predict(x, rows=HELD)
+    assert prediction.shape == (80, 6) and prediction.dtype == np.float32
+    assert pearson_r(prediction, y[HELD]).min() > 0.9
+    # Without delays the same features explain nothing of a delayed response.
+    assert pearson_r(FirRidge(delays=0).fit(x, y, rows=FIT).predict(x, rows=HELD), y[HELD]).mean() < 0.3
+    # coef_ rows are delay-major: the weight sits on delay 2, in the shape of the true map.
+    coef = model.coef_.reshape(4, 4, 6)  # (delay, feature, voxel)
+    norms = np.linalg.norm(coef, axis=(1, 2))
+    assert norms.argmax() == 2 and norms[2] > 10 * np.delete(norms, 2).max()
+    assert pearson_r(coef[2], w).min() > 0.99  # per voxel, over the features (the responses are scaled per voxel)
+    # The primal weights on the delayed raw features reproduce the kernel-form predictions.
+    delayed = fir_delays(x, range(4))
+    assert close_to(delayed[HELD] @ model.coef_ + model.intercept_, prediction)
+
+
+def test_the_hrf_ridge_recovers_a_linear_map_through_the_canonical_hrf():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(320, 5))
+    w = rng.normal(size=(5, 8))
+    y = responses(convolve_hrf(x, TR, "glover") @ w, rng, 0.3)
+    model = HrfRidge(TR, "glover").fit(x, y, rows=FIT)
+    assert pearson_r(model.predict(x, rows=HELD), y[HELD]).min() > 0.8
+    assert model.coef_.shape == (5, 8) and pearson_r(model.coef_, w).min() > 0.98
+    assert close_to(convolve_hrf(x, TR, "glover")[HELD] @ model.coef_ + model.intercept_, model.predict(x, rows=HELD))
+    # On separate arrays, as with any estimator: the held-out part starts without the TRs before it (zeros),
+    # which costs its first rows a little.
+    apart = HrfRidge(TR, "glover").fit(x[FIT], y[FIT]).predict(x[HELD])
+    assert pearson_r(apart, y[HELD]).mean() > 0.7
+
+
+def test_the_banded_ridge_gives_each_voxel_the_block_that_drives_it_and_is_one_linear_map():
+    """Ten voxels hear a 6-feature block, ten see a 60-feature one; per voxel, the kernel weight goes to its block."""
+    rng = np.random.default_rng(2)
+    blocks = {"hear": rng.normal(size=(320, 6)), "see": rng.normal(size=(320, 60))}
+    heard = convolve_hrf(blocks["hear"], TR, "glover") @ rng.normal(size=(6, 10))
+    seen = convolve_hrf(blocks["see"], TR, "glover") @ rng.normal(size=(60, 10))
+    y = responses(np.concatenate([heard, seen], axis=1), rng) + 3.0  # an offset: the intercept
+    model = BandedRidge(TR, "glover", n_iter=10).fit(blocks, y, rows=FIT)
+    assert model.block_weights_.shape == (2, 20)
+    np.testing.assert_allclose(model.block_weights_.sum(axis=0), 1.0)
+    assert model.block_weights_[0, :10].mean() > 0.8 and model.block_weights_[1, 10:].mean() > 0.8
+    assert model.block_shares_ == pytest.approx({"hear": model.block_weights_[0].mean(), "see": model.block_weights_[1].mean()})
+    prediction = model.predict(blocks, rows=HELD)
+    assert prediction.dtype == np.float32 and pearson_r(prediction, y[HELD]).mean() > 0.75
+    # The same fit as one linear map on the blocks through the HRF, side by side: new rows predicted alike.
+    weight, bias = model.linear_map()
+    regressors = convolve_parts(blocks, TR, "glover")
+    assert weight.shape == (66, 20) and bias.shape == (20,) and weight.dtype == bias.dtype == np.float32
+    assert close_to(regressors[HELD] @ weight + bias, prediction)
+    np.testing.assert_array_equal(model.coef_, weight)
+    np.testing.assert_array_equal(model.intercept_, bias)
+    # hrf None: the blocks are regressors already; given those same regressors, the same fit.
+    convolved = {name: convolve_parts({name: part}, TR, "glover") for name, part in blocks.items()}
+    same = BandedRidge(n_iter=10).fit(convolved, y, rows=FIT)
+    np.testing.assert_array_equal(same.predict(convolved, rows=HELD), prediction)
+    with pytest.raises(ValueError, match="expected the blocks"):
+        model.predict({"see": blocks["see"], "hear": blocks["hear"]})
+    with pytest.raises(ValueError, match="needs tr_s"):
+        BandedRidge(hrf="glover")
+
+
+# --------------------------------------------------------------------------- on a store
+
+
+def test_the_regressor_blocks_come_from_the_decoded_frames_or_the_store_s_frames(tiny_store):
+    n = tiny_store.n_trs
+    without = regressor_parts(tiny_store, None)  # no frames given, no size: no video block
+    assert set(without) == {"audio", "text"}
+    assert without["audio"].shape == (n, tiny_store.manifest["audio"]["mel"]["n_mels"])
+    assert without["text"].shape == (n, tiny_store.manifest["text"]["embedding_size"])
+    # A model that reads no frames still gets the video block, from the store's frames at its decoded size.
+    small = area_resize(tiny_store.frames(), 9, 16)
+    fallback = regressor_parts(tiny_store, None, 9, 16)
+    given = regressor_parts(tiny_store, small)
+    assert list(fallback) == ["video", "audio", "text"] and fallback["video"].shape == (n, 36)
+    for name in given:
+        np.testing.assert_array_equal(fallback[name], given[name])
+    assert all(part.dtype == np.float64 for part in given.values())
+    regressors = hrf_regressors(tiny_store, given, "glover")
+    assert regressors.shape == (n, sum(part.shape[1] for part in given.values())) and regressors.dtype == np.float32
+
+
+def test_the_hrf_teacher_is_the_hrf_ridge_fit_of_the_training_trs_and_carries_signal(tiny_data, tiny_store):
+    parts = regressor_parts(tiny_store, None)  # mel and text features (no frames)
+    prior = linear_prior(tiny_store, parts, "glover", branch=False, teacher="hrf")
+    assert prior.weight is None and prior.bias is None and prior.shares is None  # no banded fit needed
+    start, stop = tiny_store.splits["train"]
+    assert prior.fit.shape == (stop - start, tiny_store.n_voxels) and prior.fit.dtype == np.float32
+    features = np.concatenate(list(parts.values()), axis=1)
+    np.testing.assert_array_equal(prior.fit, fit_splits(tiny_store, HrfRidge(tiny_store.tr_s, "glover"), features, ("train",))["train"])
+    signal = np.load(tiny_data / "_truth" / "signal.npy")
+    first = int(tiny_store.manifest["alignment"]["first_tr"])
+    carries = signal.std(axis=0) > 0
+    r = pearson_r(prior.fit[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
+    assert r.mean() > 0.3  # a fit of the noise-free signal, not of noise alone
+
+
+def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teacher(tiny_store):
+    parts = regressor_parts(tiny_store, None)
+    prior = linear_prior(tiny_store, parts, "glover", n_iter=5)
+    predictions, shares = banded_ridge(tiny_store, parts, "glover", ("train", "val", "test"), n_iter=5)
+    # The teacher is the banded baseline's in-sample fit; the branch is the same model as one linear map.
+    np.testing.assert_array_equal(prior.fit, predictions["train"])
+    assert prior.shares == shares
+    regressors = hrf_regressors(tiny_store, parts, "glover")
+    assert prior.weight.shape == (regressors.shape[1], tiny_store.n_voxels) and prior.bias.shape == (tiny_store.n_voxels,)
+    for split in ("train", "val", "test"):
+        start, stop = tiny_store.splits[split]
+        assert close_to(regressors[start:stop] @ prior.weight + prior.bias, predictions[split]), split
+    with pytest.raises(ValueError, match="teacher"):
+        linear_prior(tiny_store, parts, "glover", teacher="fir")
+
+
+def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):
+    """Voxels driven by the mel block alone, with 384 text dimensions beside it: one shared kernel spends its
+    shrinkage on both; the banded ridge gives the audio block the weight and predicts the held-out TRs better."""
+    parts = regressor_parts(tiny_store, None)  # audio (mel) and text; no frames
+    rng = np.random.default_rng(0)
+    mel = convolve_hrf(parts["audio"], tiny_store.tr_s, "glover")
+    mel = (mel - mel.mean(axis=0)) / (mel.std(axis=0) + 1e-9)
+    clean = mel @ rng.normal(size=(mel.shape[1], 20)) / np.sqrt(mel.shape[1])
+    target = (clean / clean.std(axis=0) + 1.5 * rng.normal(size=clean.shape)).astype(np.float32)
+    predictions, shares = banded_ridge(tiny_store, parts, "glover", ("train", "test"), target, n_iter=10)
+    start, stop = tiny_store.splits["test"]
+    assert predictions["test"].shape == (stop - start, 20) and predictions["test"].dtype == np.float32
+    assert predictions["train"].shape[0] == tiny_store.splits["train"][1] - tiny_store.splits["train"][0]
+    assert shares["audio"] > 0.7 and shares["audio"] + shares["text"] == pytest.approx(1.0)
+    features = np.concatenate(list(parts.values()), axis=1)
+    single = fit_splits(tiny_store, HrfRidge(tiny_store.tr_s, "glover"), features, ("test",), target)["test"]
+    truth = clean[start:stop].astype(np.float32)
+    assert pearson_r(predictions["test"], truth).mean() > pearson_r(single, truth).mean() + 0.05
