@@ -10,11 +10,10 @@ from giblet_cli.bench import bench as bench_command
 from giblet_cli.common import console
 from giblet_cli.demo import demo as demo_command
 from giblet_cli.evaluate import evaluate as evaluate_command
-from giblet_cli.evaluate import print_metrics  # noqa: F401  (still importable from here: `giblet demo` prints with it)
 from giblet_cli.lesion import lesion as lesion_command
 from giblet_cli.model import model as model_command
 from giblet_cli.train import train as train_command
-from giblet_cli.validate import validate  # (still importable from here: `giblet demo` runs it)
+from giblet_cli.validate import validate as validate_command
 
 app = typer.Typer(
     name="giblet",
@@ -45,7 +44,7 @@ app.add_typer(cluster_commands.app, name="cluster")
 app.command(name="train")(train_command)
 app.command(name="demo")(demo_command)
 app.command(name="evaluate")(evaluate_command)
-app.command(name="validate")(validate)
+app.command(name="validate")(validate_command)
 app.command(name="model")(model_command)
 app.command(name="bench")(bench_command)
 app.command(name="lesion")(lesion_command)
