@@ -55,6 +55,10 @@ def train(
             raise ConfigError(f"--gpus {gpus} needs {gpus} CUDA GPUs; this machine has {found}. Use --procs N to train on CPUs")
     if node_rank >= nodes:
         raise ConfigError(f"--node-rank {node_rank} must be below --nodes {nodes}")
+    if resume and not (out / "checkpoints" / "last.pt").is_file():
+        # Before anything is written: a resume that silently started from scratch would look like a continued run.
+        raise ConfigError(f"{out}: no checkpoints/last.pt to resume from; drop --resume to start a new run there, "
+                          "or give --out the folder of the run to continue")
     if resume and config is None and (out / CONFIG_NAME).is_file():
         config = out / CONFIG_NAME  # resume with the run's own settings
     settings = load_config(config)

@@ -186,6 +186,13 @@ def test_resume_refuses_another_store_or_other_settings(tiny_data, tiny_store, r
     assert done.returncode != 0 and "settings differ" in done.stderr
 
 
+def test_resume_without_a_checkpoint_is_refused_before_anything_is_written(tiny_data, tiny_store, run_config, tmp_path):
+    out = tmp_path / "never-trained"
+    done = _train(tiny_data, tiny_store, out, run_config, "--resume")
+    assert done.returncode != 0 and str(out) in done.stderr and "last.pt" in done.stderr
+    assert not out.exists()
+
+
 def test_gpus_without_cuda_say_so(tiny_data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

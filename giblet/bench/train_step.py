@@ -52,6 +52,7 @@ from giblet.errors import ConfigError, DataError
 from giblet.models import GibletAutoencoder, ModelDims, Stimuli, dims_from_manifest
 from giblet.models import autoencoder as autoencoder_module
 from giblet.train.losses import GibletLoss, LossScales
+from giblet.train.trainer import make_optimizer
 
 PRESET = "tiny"
 EMBEDDING_SIZE = 384  # the default embedder's width (all-MiniLM-L6-v2)
@@ -249,12 +250,7 @@ def build_trainees(data: TrainData, config: Config, device: torch.device, seed: 
     for variant in VARIANTS:
         copy_of = model if variant == VARIANTS[-1] else copy.deepcopy(model)  # the stream tables are attached after
         copy_of.attach(stimuli)
-        decay = [p for p in copy_of.parameters() if p.dim() >= 2]
-        no_decay = [p for p in copy_of.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
-        )
-        trainees[variant] = Trainee(copy_of, GibletLoss(config.loss, data.scales), optimizer, batch, t.clip_grad_norm)
+        trainees[variant] = Trainee(copy_of, GibletLoss(config.loss, data.scales), make_optimizer(copy_of, t), batch, t.clip_grad_norm)
     return trainees
 
 

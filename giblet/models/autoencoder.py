@@ -358,7 +358,7 @@ class GibletAutoencoder(nn.Module):
         stimuli, out = self.stimuli, {}
         fmri = batch.get("fmri")
         if fmri is not None:
-            out["fmri"] = self.brain_targets(fmri.float())
+            out["fmri"] = fmri.float()  # one layer-7 unit per voxel: the response itself
         if "video" in self.modalities:
             index = batch["video_index"]
             frames = stimuli.small_frames[index.clamp(min=0)].float() / 255.0
@@ -382,10 +382,6 @@ class GibletAutoencoder(nn.Module):
         if self.modality_readouts is not None and self.training:
             out["modality_brain"] = {m: self.modality_readouts[m](vector) for m, vector in vectors.items()}
         return out
-
-    def brain_targets(self, fmri: torch.Tensor) -> torch.Tensor:
-        """fMRI ``(B, voxels)`` in unit space: itself (one layer-7 unit per voxel)."""
-        return fmri
 
     # ------------------------------------------------------------------ lesions
 

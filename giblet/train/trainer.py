@@ -20,19 +20,21 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from giblet.config import Config, dump_config, load_config
+from giblet.config import Config, TrainConfig, dump_config, load_config
 from giblet.data.dataset import ShardSampler, WindowDataset, window_index
 from giblet.data.store import Store, open_store
 from giblet.errors import DataError
 from giblet.linear import linear_prior, regressor_parts
 from giblet.models import GibletAutoencoder, Stimuli, dims_from_manifest
 from giblet.models.checkpoint import read_checkpoint, save_checkpoint
+from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
 
 CONFIG_NAME = "config.yaml"
@@ -93,24 +95,23 @@ def to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate(model: GibletAutoencoder, dataset: WindowDataset, batch_size: int, rank: int, world: int,
-             device, autocast) -> Dict[str, float]:
+def validate(model: GibletAutoencoder, dataset: WindowDataset, batch_size: int, procs: "Processes", autocast) -> Dict[str, float]:
     """Validation fMRI loss and per-voxel r (over the split's TRs) against the targets, all ranks together.
 
     Only layer 7 is computed: the decoder plays no part in these scores.
     """
     model.eval()
-    order = list(ShardSampler(len(dataset), rank, world, shuffle=False, pad=False))
-    correlation = VoxelCorrelation(model.n_units, device)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # Σ loss * samples, samples
+    order = list(ShardSampler(len(dataset), procs.rank, procs.world, shuffle=False, pad=False))
+    correlation = VoxelCorrelation(model.n_units, procs.device)
+    totals = torch.zeros(2, dtype=torch.float64, device=procs.device)  # Σ loss * samples, samples
     for start in range(0, len(order), batch_size):
-        batch = to_device(dataset.batch(order[start : start + batch_size]), device)
+        batch = to_device(dataset.batch(order[start : start + batch_size]), procs.device)
         with autocast():
             brain = model.encode(batch).float()
-        target = model.brain_targets(batch["fmri"].float())
+        target = batch["fmri"].float()  # one layer-7 unit per voxel: the response itself
         correlation.add(brain, target)
         loss = torch.nn.functional.mse_loss(brain, target)  # the fMRI term of GibletLoss
-        totals += torch.tensor([loss.item() * len(batch["tr"]), len(batch["tr"])], dtype=torch.float64, device=device)
+        totals += torch.stack([loss.double() * len(batch["tr"]), totals.new_tensor(len(batch["tr"]))])
     all_reduce(correlation.sums)
     all_reduce(totals)
     model.train()
@@ -157,9 +158,25 @@ class WeightAverage:
                     state[key].copy_(value)
 
 
-def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict[str, float]:
-    """Train on ``store``, writing checkpoints and metrics under ``out``; returns the final metrics."""
-    t = config.train
+# --------------------------------------------------------------------------- setup, build, checkpoints
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Who this process is: torchrun's global ``rank`` (never ``LOCAL_RANK``), ``local_rank``, ``world`` size, device."""
+
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup(t: TrainConfig) -> Processes:
+    """Join the process group (NCCL on GPUs, gloo on CPUs), pick the device, seed every generator."""
     rank, local_rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = torch.cuda.is_available() and os.environ.get("GIBLET_DEVICE", "") != "cpu"
     if world > 1 and not dist.is_initialized():
@@ -171,155 +188,228 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
         # cuBLAS is repeatable only with a fixed workspace; without one, deterministic mode fails at the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    master = rank == 0
-    checkpoints = out / "checkpoints"
-
-    # Data and model: identical on every rank (same seed), then DDP keeps them in step.
+    # Data and model come out identical on every rank (same seed); DDP then keeps them in step.
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     random.seed(t.seed)
+    return Processes(rank, local_rank, world, device)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or embeddings' scales)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+
+
+@dataclass
+class Parts:
+    """Everything the loop uses, built once (``build``)."""
+
+    model: GibletAutoencoder
+    ddp: torch.nn.Module  # the model, wrapped in DistributedDataParallel over more than one process
+    train_set: WindowDataset
+    val_set: WindowDataset
+    loss_fn: GibletLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[WeightAverage]
+    per_rank: int  # samples per process per micro-batch
+    steps_per_epoch: int
+    total_steps: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+
+def build(config: Config, store: Store, procs: Processes) -> Parts:
+    """Data, model, the linear prior, loss, optimizer and schedule, the same on every rank."""
+    t, m = config.train, config.model
     index = window_index(store)
     train_set = WindowDataset(store, "train", config.dataset.mode, index)
     val_set = WindowDataset(store, "val", "cross_subject", index)
-    dims = dims_from_manifest(store.manifest, config.model.audio_input, config.model.inputs)
-    model = GibletAutoencoder(dims, config.model)
+    dims = dims_from_manifest(store.manifest, m.audio_input, m.inputs)
+    model = GibletAutoencoder(dims, m)
     model.set_grid(*store.mask())
-    model.to(device)
-    height, width = config.model.decoded_frame_height, config.model.decoded_frame_width
-    branch_hrf = config.alignment.hrf if config.model.linear_branch else None
-    model.attach(Stimuli.from_store(store, dims, height, width, hrf=branch_hrf).to(device))
+    model.to(procs.device)
+    height, width = m.decoded_frame_height, m.decoded_frame_width
+    model.attach(Stimuli.from_store(store, dims, height, width, hrf=config.alignment.hrf if m.linear_branch else None).to(procs.device))
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
     teacher = config.loss.fmri_teacher > 0
-    if config.model.linear_branch or teacher:
+    if m.linear_branch or teacher:
         # One banded fit for both the branch and the banded teacher. Every process fits the same (seeded) ridge
         # on the same data: no broadcast needed.
         prior = linear_prior(store, regressor_parts(store, model.stimuli.small_frames, height, width), config.alignment.hrf,
-                             branch=config.model.linear_branch, teacher=config.loss.fmri_teacher_ridge if teacher else None)
-        if config.model.linear_branch:
+                             branch=m.linear_branch, teacher=config.loss.fmri_teacher_ridge if teacher else None)
+        if m.linear_branch:
             model.set_linear_branch(prior.weight, prior.bias)
         if teacher:
             train_set.blend_targets(prior.fit, config.loss.fmri_teacher)
-    loss_fn = GibletLoss(config.loss, scales)
     # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
     # and never changes in training: nothing to broadcast each step.
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False)
-           if world > 1 else model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-    per_rank = t.batch_size // (world * t.grad_accum)
-    if per_rank < 1 or per_rank * world * t.grad_accum != t.batch_size:
-        raise DataError(None, f"train.batch_size {t.batch_size} cannot be split over {world} processes x {t.grad_accum} accumulation steps",
-                        expected=f"a multiple of {world * t.grad_accum}")
+    use_cuda = procs.device.type == "cuda"
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[procs.local_rank] if use_cuda else None, broadcast_buffers=False)
+           if procs.world > 1 else model)
+    per_rank = t.batch_size // (procs.world * t.grad_accum)
+    if per_rank < 1 or per_rank * procs.world * t.grad_accum != t.batch_size:
+        raise DataError(None, f"train.batch_size {t.batch_size} cannot be split over {procs.world} processes x {t.grad_accum} accumulation steps",
+                        expected=f"a multiple of {procs.world * t.grad_accum}")
     steps_per_epoch = len(train_set) // t.batch_size  # the shuffled tail is left out, the same for any process count
     if steps_per_epoch == 0:
         raise DataError(store.path, f"{len(train_set)} training samples", expected=f"at least train.batch_size = {t.batch_size}")
     total_steps = t.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, t.warmup_fraction, t.min_lr_fraction)
-    )
+    optimizer = make_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, t.warmup_fraction, t.min_lr_fraction))
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and t.bf16)  # noqa: E731
-
     ema = WeightAverage(model, t.ema_decay) if t.ema_decay > 0 else None
-    step, epoch, best_r, stale = 0, 0, -math.inf, 0
-    if resume and (checkpoints / "last.pt").is_file():
-        state = read_checkpoint(checkpoints / "last.pt")  # to the CPU first: no GPU memory spike
-        if state["store_key"] != store.key:
-            raise DataError(checkpoints / "last.pt", f"was trained on store {state['store_key']}", expected=f"this store, {store.key}",
-                            fix="resume with the data and settings of that run, or start a new run folder")
-        if state["config"] != config.to_dict():
-            raise DataError(checkpoints / "last.pt", "the run's settings differ from this config", expected="the config the run was started with",
-                            fix=f"use {out / CONFIG_NAME}")
-        model.load_state_dict(state.get("raw_model", state["model"]))
-        if ema is not None:
-            ema.load(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        step, epoch, best_r, stale = state["step"], state["epoch"], state["best_r"], state["stale"]
-        del state
+    return Parts(model, ddp, train_set, val_set, GibletLoss(config.loss, scales), optimizer, scheduler, ema,
+                 per_rank, steps_per_epoch, total_steps, autocast)
 
-    def save(name: str, epoch_now: int) -> None:
-        states = [None] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps and epochs done, the best validation r, epochs without a better one."""
+
+    step: int = 0
+    epoch: int = 0
+    best_r: float = -math.inf
+    stale: int = 0
+
+
+class Checkpointer:
+    """``RUN/checkpoints/{last,best}.pt``: everything a resume needs, written atomically by rank 0.
+
+    With a weight average, ``model`` holds the averaged weights (what ``giblet.load`` returns) and
+    ``raw_model`` the optimizer's, from which training resumes.
+    """
+
+    def __init__(self, folder: Path, parts: Parts, config: Config, store: Store, procs: Processes) -> None:
+        self.folder, self.parts, self.config, self.store, self.procs = folder, parts, config, store, procs
+
+    def resume(self) -> Position:
+        path = self.folder / "last.pt"
+        if not path.is_file():
+            raise DataError(self.folder, "has no last.pt to resume from", expected="a run folder that has trained at least one checkpoint",
+                            fix="drop --resume to start this run, or give the folder of the run to continue")
+        state = read_checkpoint(path)  # to the CPU first: no GPU memory spike
+        if state["store_key"] != self.store.key:
+            raise DataError(path, f"was trained on store {state['store_key']}", expected=f"this store, {self.store.key}",
+                            fix="resume with the data and settings of that run, or start a new run folder")
+        if state["config"] != self.config.to_dict():
+            raise DataError(path, "the run's settings differ from this config", expected="the config the run was started with",
+                            fix=f"use {self.folder.parent / CONFIG_NAME}")
+        parts = self.parts
+        parts.model.load_state_dict(state.get("raw_model", state["model"]))
+        if parts.ema is not None:
+            parts.ema.load(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][min(self.procs.rank, len(state["rng"]) - 1)])
+        return Position(state["step"], state["epoch"], state["best_r"], state["stale"])
+
+    def save(self, name: str, at: Position) -> None:
+        states = [None] * self.procs.world
+        if self.procs.world > 1:
+            dist.all_gather_object(states, rng_state())  # every rank's generators: an exact resume
         else:
             states = [rng_state()]
-        if master:
-            # With an average, "model" holds the averaged weights (what `giblet.load` returns) and
-            # "raw_model" the optimizer's, from which training resumes.
-            raw = {"raw_model": {k: v.clone() for k, v in model.state_dict().items()}} if ema is not None else {}
-            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                save_checkpoint(
-                    model, checkpoints / name, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=states,
-                    step=step, epoch=epoch_now, best_r=best_r, stale=stale, config=config.to_dict(), store_key=store.key, **raw,
-                )
+        if not self.procs.master:
+            return
+        model, ema = self.parts.model, self.parts.ema
+        raw = {"raw_model": {k: v.clone() for k, v in model.state_dict().items()}} if ema is not None else {}
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            save_checkpoint(model, self.folder / name, optimizer=self.parts.optimizer.state_dict(),
+                            scheduler=self.parts.scheduler.state_dict(), rng=states, step=at.step, epoch=at.epoch,
+                            best_r=at.best_r, stale=at.stale, config=self.config.to_dict(), store_key=self.store.key, **raw)
 
-    metrics_file = open(out / "metrics.jsonl", "a") if master else None
-    board = _tensorboard(out / "tensorboard") if master else None
-    from giblet.progress import bar
 
+class MetricsLog:
+    """``RUN/metrics.jsonl`` (one JSON record per line) and TensorBoard scalars, on rank 0 only."""
+
+    def __init__(self, out: Path, master: bool) -> None:
+        self.file = open(out / "metrics.jsonl", "a") if master else None
+        self.board = _tensorboard(out / "tensorboard") if master else None
+
+    def write(self, prefix: str, record: Dict[str, float]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        _board_scalars(self.board, prefix, record, record["step"])
+
+    def close(self) -> None:
+        for sink in (self.file, self.board):
+            if sink is not None:
+                sink.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict[str, float]:
+    """Train on ``store``, writing checkpoints and metrics under ``out``; returns the last validation metrics."""
+    t = config.train
+    procs = setup(t)
+    parts = build(config, store, procs)
+    model, ddp, optimizer, scheduler, ema = parts.model, parts.ddp, parts.optimizer, parts.scheduler, parts.ema
+    checkpoints = Checkpointer(out / "checkpoints", parts, config, store, procs)
+    at = checkpoints.resume() if resume else Position()
+    log = MetricsLog(out, procs.master)
     result: Dict[str, float] = {}
-    started = time.perf_counter()
-    samples_seen = 0
-    with bar("train", total=total_steps, show=master) as progress:
-        progress.advance(step)
-        while epoch < t.epochs and stale < t.patience:
-            sampler = ShardSampler(len(train_set), rank, world, shuffle=True, seed=t.seed, pad=False)
-            sampler.set_epoch(epoch)
+    started, samples_seen, unlogged = time.perf_counter(), 0, 0
+    # Loss sums stay on the device and are read once per logging interval: the host never waits on a step.
+    sums = torch.zeros(2, dtype=torch.float64, device=procs.device)  # Σ total loss * samples, Σ fMRI loss * samples
+    with bar("train", total=parts.total_steps, show=procs.master) as progress:
+        progress.advance(at.step)
+        while at.epoch < t.epochs and at.stale < t.patience:
+            sampler = ShardSampler(len(parts.train_set), procs.rank, procs.world, shuffle=True, seed=t.seed, pad=False)
+            sampler.set_epoch(at.epoch)
             order = list(sampler)
-            first = step - epoch * steps_per_epoch  # optimizer steps already done in this epoch (resume mid-epoch)
-            for step_in_epoch in range(first, steps_per_epoch):
-                sums = torch.zeros(2, dtype=torch.float64, device=device)
+            first = at.step - at.epoch * parts.steps_per_epoch  # optimizer steps already done in this epoch (resume mid-epoch)
+            for step_in_epoch in range(first, parts.steps_per_epoch):
                 for micro in range(t.grad_accum):
-                    at = (step_in_epoch * t.grad_accum + micro) * per_rank
-                    items = order[at : at + per_rank]
-                    batch = to_device(train_set.batch(items), device)
-                    sync = micro == t.grad_accum - 1 or world == 1
-                    with ddp.no_sync() if not sync else contextlib.nullcontext():
-                        with autocast():
-                            total, parts = loss_fn(ddp(batch))
+                    offset = (step_in_epoch * t.grad_accum + micro) * parts.per_rank
+                    batch = to_device(parts.train_set.batch(order[offset : offset + parts.per_rank]), procs.device)
+                    last_micro = micro == t.grad_accum - 1 or procs.world == 1
+                    with ddp.no_sync() if not last_micro else contextlib.nullcontext():  # gradients meet once per step
+                        with parts.autocast():
+                            total, terms = parts.loss_fn(ddp(batch))
                         (total / t.grad_accum).backward()
-                    sums += torch.tensor([total.item() * per_rank, parts["fmri"].item() * per_rank], dtype=torch.float64, device=device)
+                    sums += torch.stack([total.detach(), terms["fmri"].detach()]).double() * parts.per_rank
                 if t.clip_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 if ema is not None:
-                    ema.update(step)
+                    ema.update(at.step)
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
+                at.step += 1
                 samples_seen += t.batch_size
-                all_reduce(sums)
                 progress.advance(1)
-                if master and (step % t.log_every_steps == 0 or step_in_epoch == steps_per_epoch - 1):
+                unlogged += 1
+                if at.step % t.log_every_steps == 0 or step_in_epoch == parts.steps_per_epoch - 1:  # the same steps on every rank
+                    all_reduce(sums)
                     rate = samples_seen / (time.perf_counter() - started)
-                    record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "loss": float(sums[0] / t.batch_size),
-                              "fmri_loss": float(sums[1] / t.batch_size), "trs_per_s": rate}
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    _board_scalars(board, "train", record, step)
-                    progress.describe(f"train loss {record['loss']:.3f} | val r {best_r if best_r > -math.inf else math.nan:.3f} | {rate:.1f} TRs/s")
-                if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
-                    save("last.pt", epoch)
-            epoch += 1
+                    mean_loss, mean_fmri = (sums / (unlogged * t.batch_size)).tolist()  # means over the steps since the last record
+                    record = {"step": at.step, "epoch": at.epoch, "lr": scheduler.get_last_lr()[0], "loss": mean_loss,
+                              "fmri_loss": mean_fmri, "trs_per_s": rate}
+                    sums.zero_()
+                    unlogged = 0
+                    log.write("train", record)
+                    best = at.best_r if at.best_r > -math.inf else math.nan
+                    progress.describe(f"train loss {mean_loss:.3f} | val r {best:.3f} | {rate:.1f} TRs/s")
+                if t.checkpoint_every_steps and at.step % t.checkpoint_every_steps == 0:
+                    checkpoints.save("last.pt", at)
+            at.epoch += 1
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                result = evaluate(model, val_set, per_rank * t.grad_accum, rank, world, device, autocast)
-            improved = result["val_r"] > best_r
-            best_r, stale = (result["val_r"], 0) if improved else (best_r, stale + 1)
-            result.update(epoch=epoch, step=step, best_val_r=best_r)
-            if master:
-                metrics_file.write(json.dumps(result) + "\n")
-                metrics_file.flush()
-                _board_scalars(board, "val", result, step)
+                result = validate(model, parts.val_set, parts.per_rank * t.grad_accum, procs, parts.autocast)
+            improved = result["val_r"] > at.best_r
+            at.best_r, at.stale = (result["val_r"], 0) if improved else (at.best_r, at.stale + 1)
+            result.update(epoch=at.epoch, step=at.step, best_val_r=at.best_r)
+            log.write("val", result)
             if improved:
-                save("best.pt", epoch)
-            save("last.pt", epoch)
-    if metrics_file:
-        metrics_file.close()
-    if board:
-        board.close()
+                checkpoints.save("best.pt", at)
+            checkpoints.save("last.pt", at)
+    log.close()
     return result
 
 
