@@ -134,12 +134,14 @@ def test_two_processes_end_with_the_weights_of_one(tiny_data, tiny_store, run_co
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"world_size": 2' in done.stdout
     a, b = _weights(one), _weights(two)
-    # Float sums in another order: a few of the ~700k weights that get near-zero gradients move
-    # a little differently under Adam, everything else agrees to ~1e-8.
+    # Float sums in another order: a few of the ~700k weights that get near-zero gradients move a little
+    # differently under Adam (its step divides by their tiny second moments), the typical weight agrees
+    # to ~1e-8. A missing or doubled all-reduce or a wrong shard moves every weight by ~1e-3 or more.
     for name in a:
         if a[name].is_floating_point():
             difference = (b[name] - a[name]).double()
-            assert difference.norm() <= 1e-5 * a[name].double().norm() + 1e-7, name
+            assert difference.abs().median() < 1e-6, name
+            assert difference.norm() <= 1e-4 * a[name].double().norm() + 1e-7, name
             assert difference.abs().max() < 1e-4, name
         else:
             assert torch.equal(a[name], b[name]), name
