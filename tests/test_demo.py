@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # trains for 2 epochs in a subprocess, then runs the demo again
 def test_demo_runs_the_pipeline_and_says_where_the_results_are(tiny_data, tiny_store, tmp_path):
     # The demo's configuration gives the session's tiny store (the same store settings), so the
     # synthesized data and the prepared store are reused here instead of being made again.

@@ -59,6 +59,7 @@ def trained_run(tiny_data, tiny_store, tiny_config, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trained_run: `giblet train` for 2 epochs in a subprocess
 def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_store):
     result = runner.invoke(app, ["evaluate", str(trained_run), "--store", str(tiny_store.path)])
     assert result.exit_code == 0, result.output

@@ -1,6 +1,5 @@
 """The 13-layer autoencoder: shapes per modality combination, lesions, losses, native ops, checkpoints, overfitting."""
 
-import time
 import warnings
 
 import nibabel as nib
@@ -294,6 +293,7 @@ def two_subject_store(tiny_data, tmp_path_factory):
     return prepare(tiny_data, config, tmp_path_factory.mktemp("stores") / "two", progress=False)
 
 
+@pytest.mark.slow  # prepares its own two-subject store, then trains up to 400 steps
 def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
     torch.manual_seed(0)
     assert len(two_subject_store.subjects) == 2
@@ -302,7 +302,6 @@ def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
     batch = dataset.batch(np.arange(32))
     loss = GibletLoss(LossConfig(), LossScales.from_store(two_subject_store, model))  # every loss at its default weight
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    started = time.perf_counter()
     first = None
     for step in range(400):
         total, parts = loss(model(batch))
@@ -312,9 +311,7 @@ def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
         optimizer.step()
         if parts["fmri"].item() < first / 10:
             break
-    elapsed = time.perf_counter() - started
     assert parts["fmri"].item() < first / 10, f"fMRI loss {first:.3f} -> {parts['fmri'].item():.3f} in {step + 1} steps"
-    assert elapsed < 60, f"took {elapsed:.1f} s"
 
 
 def test_losses_are_float32_under_bf16_autocast(tiny_store):
