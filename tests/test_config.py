@@ -58,13 +58,24 @@ def test_unknown_keys_name_the_nearest_valid_key(values, suggestion, tmp_path):
         ({"window": []}, "expected a mapping"),
         ({"loss": {"fmri_teacher": 1.5}}, "loss.fmri_teacher is 1.5; expected a share in [0, 1]"),
         ({"loss": {"fmri_teacher": -0.1}}, "loss.fmri_teacher is -0.1; expected a weight >= 0"),
-        ({"loss": {"fmri_teacher_ridge": "fir"}}, "loss.fmri_teacher_ridge is 'fir'; expected one of banded, hrf"),
+        # A negative HRF length would shrink the gap between the splits until the blocks overlap.
+        ({"window": {"hrf_length_s": -30.0}}, "window.hrf_length_s is -30.0; expected >= 0 seconds"),
     ],
 )
 def test_bad_values_are_errors_that_say_what_was_expected(values, fragment):
     with pytest.raises(ConfigError) as error:
         from_dict(values, "cfg.yaml")
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("section, key, fate", [
+    ("loss", "fmri_teacher_ridge", "always ridge_banded"), ("model", "mel_features", "now model.slot_features"),
+    ("split", "gap_s", "window.lookback_s + window.hrf_length_s"),
+])
+def test_a_removed_key_says_what_became_of_it(section, key, fate):
+    with pytest.raises(ConfigError) as error:
+        from_dict({section: {key: 1}}, "old.yaml")
+    assert f"old.yaml: '{section}.{key}' was removed" in str(error.value) and fate in str(error.value)
 
 
 def test_a_missing_or_broken_file_is_named(tmp_path):

@@ -43,7 +43,7 @@ def test_noise_ceiling_is_the_leave_one_out_intersubject_correlation():
 @pytest.fixture(scope="module")
 def trained_run(tiny_data, tiny_store, tiny_config, tmp_path_factory):
     values = tiny_config.to_dict()
-    values["model"].update({"frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32,
+    values["model"].update({"frame_features": 16, "modality_width": 32,
                             "hidden": [64, 64, 64], "slot_features": 8, "audio_input": "mel"})
     values["train"].update({"epochs": 2, "batch_size": 8})
     folder = tmp_path_factory.mktemp("eval")

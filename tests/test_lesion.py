@@ -23,7 +23,7 @@ from giblet_cli.main import app
 
 runner = CliRunner()
 
-SMALL_MODEL = {"frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32, "hidden": [32, 32],
+SMALL_MODEL = {"frame_features": 16, "modality_width": 32, "hidden": [32, 32],
                "slot_features": 8, "audio_input": "mel", "linear_branch": False}
 
 
@@ -69,7 +69,7 @@ def _lesion(run, roi, store, *extra):
 BIG = 1e4
 AUDIO_SHIFT = 5.0  # standard deviations of each standardized mel band
 VIDEO_SHIFT = 6.0  # logits: a decoded pixel goes from 0.5 to about 0 or 1
-WIRED_MODEL = {**SMALL_MODEL, "hidden": [6], "modality_width": 4, "slot_features": 2, "dropout": 0.0, "modality_dropout": 0.0,
+WIRED_MODEL = {**SMALL_MODEL, "hidden": [6], "modality_width": 4, "slot_features": 2, "dropout": 0.0,
                "linear_branch": False, "modality_readouts": False}
 PERMUTATIONS = 39  # the smallest possible p is 1 / 40
 

@@ -117,21 +117,6 @@ def test_the_regressor_blocks_come_from_the_decoded_frames_or_the_store_s_frames
     assert regressors.shape == (n, sum(part.shape[1] for part in given.values())) and regressors.dtype == np.float32
 
 
-def test_the_hrf_teacher_is_the_hrf_ridge_fit_of_the_training_trs_and_carries_signal(tiny_data, tiny_store):
-    parts = regressor_parts(tiny_store, None)  # mel and text features (no frames)
-    prior = linear_prior(tiny_store, parts, "glover", branch=False, teacher="hrf")
-    assert prior.weight is None and prior.bias is None and prior.shares is None  # no banded fit needed
-    start, stop = tiny_store.splits["train"]
-    assert prior.fit.shape == (stop - start, tiny_store.n_voxels) and prior.fit.dtype == np.float32
-    features = np.concatenate(list(parts.values()), axis=1)
-    np.testing.assert_array_equal(prior.fit, fit_splits(tiny_store, HrfRidge(tiny_store.tr_s, "glover"), features, ("train",))["train"])
-    signal = np.load(tiny_data / "_truth" / "signal.npy")
-    first = int(tiny_store.manifest["alignment"]["first_tr"])
-    carries = signal.std(axis=0) > 0
-    r = pearson_r(prior.fit[:, carries], signal[first + start : first + stop][:, carries].astype(np.float32))
-    assert r.mean() > 0.3  # a fit of the noise-free signal, not of noise alone
-
-
 def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teacher(tiny_store):
     parts = regressor_parts(tiny_store, None)
     prior = linear_prior(tiny_store, parts, "glover", n_iter=5)
@@ -144,8 +129,10 @@ def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teac
     for split in ("train", "val", "test"):
         start, stop = tiny_store.splits[split]
         assert close_to(regressors[start:stop] @ prior.weight + prior.bias, predictions[split]), split
-    with pytest.raises(ValueError, match="teacher"):
-        linear_prior(tiny_store, parts, "glover", teacher="fir")
+    only_branch = linear_prior(tiny_store, parts, "glover", teacher=False, n_iter=5)
+    assert only_branch.fit is None and np.array_equal(only_branch.weight, prior.weight)
+    neither = linear_prior(tiny_store, parts, "glover", branch=False, teacher=False)
+    assert neither.weight is None and neither.fit is None and neither.shares is None  # nothing asked, nothing fit
 
 
 def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):

@@ -26,8 +26,8 @@ runner = CliRunner()
 
 TRAIN = {
     "model": {
-        "frame_features": 16, "mel_features": 8, "segment_features": 8, "modality_width": 32, "hidden": [64, 64, 64],
-        "slot_features": 8, "dropout": 0.0, "modality_dropout": 0.0, "audio_input": "mel",
+        "frame_features": 16, "modality_width": 32, "hidden": [64, 64, 64],
+        "slot_features": 8, "dropout": 0.0, "audio_input": "mel",
     },
     # The correlation term is computed over each process's share of the batch, so it is another objective
     # for another process count: off here, where one and two processes must train the same weights.
@@ -302,9 +302,8 @@ def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates
     from giblet.eval.lesion import load_run
     from giblet.linear import banded_ridge, regressor_parts
 
-    # With the teacher from ridge_hrf as well (the other choice of loss.fmri_teacher_ridge).
-    out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"linear_branch": True},
-                     {"fmri_teacher": 0.5, "fmri_teacher_ridge": "hrf"})
+    # With the teacher as well: the branch and the teacher come from one banded fit.
+    out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"linear_branch": True}, {"fmri_teacher": 0.5})
     model, store, _ = load_run(out, tiny_store.path)  # lesion's loader attaches the regressors named by the run's settings
     assert model.linear_weight.shape[1] == tiny_store.n_voxels and model.stimuli.regressors is not None
     result = runner.invoke(app, ["evaluate", str(out), "--store", str(tiny_store.path)])

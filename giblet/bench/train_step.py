@@ -46,6 +46,7 @@ import torch
 from giblet import ops, ops_reference
 from giblet.bench.ops import PASSES, time_calls
 from giblet.config import Config, load_config
+from giblet.data.audio import MEL_RATE_HZ
 from giblet.data.dataset import WindowDataset, text_index_for, window_index
 from giblet.data.synth import PRESETS
 from giblet.errors import ConfigError, DataError
@@ -178,9 +179,9 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     audio_dims: Dict[str, object] = {}
     scales = LossScales(frames=float(small.float().div(255).var()))
     if audio == "mel":
-        n_mel = int(round(movie_s * config.audio.mel_rate_hz))
+        n_mel = int(round(movie_s * MEL_RATE_HZ))
         mel = torch.randn(n_mel, config.audio.n_mels, generator=generator) * 10 - 40  # log-mel-like decibels
-        audio_dims = dict(mel_slots=config.window.mel_slots, n_mels=config.audio.n_mels, mel_rate_hz=config.audio.mel_rate_hz)
+        audio_dims = dict(mel_slots=config.window.mel_slots, n_mels=config.audio.n_mels, mel_rate_hz=MEL_RATE_HZ)
         scales.mel_mean = mel.mean(dim=0).tolist()
         scales.mel_std = mel.std(dim=0).tolist()
     elif audio == "codes":

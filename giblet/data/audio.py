@@ -90,6 +90,9 @@ def read_audio(path: PathLike, progress: bool = True) -> Tuple[np.ndarray, int, 
     return samples, rate, float(first_time - origin)
 
 
+MEL_RATE_HZ = 50.0  # mel frames per second in a store: 20 ms hops, finer than any window slot
+
+
 def mel_spectrogram(
     samples: np.ndarray,
     rate: int,

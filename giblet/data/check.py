@@ -165,7 +165,7 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             except (GibletError, ValueError) as error:
                 report.fail("codes per TR", error)
         if "mel" in config.audio.features and movie.has_audio:
-            rate = movie.audio_rate / audio.mel_hop(movie.audio_rate, config.audio.mel_rate_hz)
+            rate = movie.audio_rate / audio.mel_hop(movie.audio_rate, audio.MEL_RATE_HZ)
             low, high = alignment_mod.window_counts(rate, onsets, align.tr_s, int(audio_s * rate))
             report.add("mel per TR", PASS if low > 0 else FAIL, f"{_range(low, high)} mel frames per TR at {rate:.3f} Hz")
         try:
@@ -199,7 +199,7 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
 def _manifest_sizes(config: Config, align, facts: dict, code_rate_hz: float) -> dict:
     """The sizes a store's manifest would hold, from what the checks measured (the data layer stops here:
     the model's dimensions are the models layer's to derive)."""
-    from giblet.data.audio import CODEBOOK_SIZE, n_codebooks, named_architecture
+    from giblet.data.audio import CODEBOOK_SIZE, MEL_RATE_HZ, n_codebooks, named_architecture
 
     w = config.window
     audio_entry: dict = {"features": list(config.audio.features)}
@@ -207,9 +207,9 @@ def _manifest_sizes(config: Config, align, facts: dict, code_rate_hz: float) -> 
         n_q = n_codebooks(config.audio.bandwidth_kbps, named_architecture(config.audio.encodec_model))
         audio_entry["codes"] = {"n_codebooks": n_q, "codebook_size": CODEBOOK_SIZE, "rate_hz": code_rate_hz, "start_s": 0.0}
     if "mel" in config.audio.features:
-        audio_entry["mel"] = {"n_mels": config.audio.n_mels, "rate_hz": config.audio.mel_rate_hz, "start_s": 0.0}
+        audio_entry["mel"] = {"n_mels": config.audio.n_mels, "rate_hz": MEL_RATE_HZ, "start_s": 0.0}
     manifest = {
-        "window": {**config.section("window")["window"], "window_s": w.lookback_s + align.tr_s},
+        "window": {**config.section("window")["window"], "window_s": w.lookback_s + align.tr_s, "text_timing": "grid"},
         "video": {"shape": [0, config.video.height, config.video.width, 3]},
         "audio": audio_entry,
         "text": {"embedding_size": facts["embedding_size"]},

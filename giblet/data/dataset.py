@@ -90,8 +90,9 @@ def text_grid_for(starts: np.ndarray, ends: np.ndarray, onsets: np.ndarray, wind
 
 
 def text_index_for(times: np.ndarray, onsets: np.ndarray, window_s: float, window: Dict) -> np.ndarray:
-    """The text slots of each window as the store's window settings ask (``text_timing``, ``text_slots``)."""
-    timing = window.get("text_timing", "latest")  # stores prepared before the setting existed: latest
+    """The text slots of each window: ``text_slots`` on the window's time grid (``text_grid_for``); stores
+    whose manifest says ``text_timing: latest`` (prepared when that was a setting) keep their latest segments."""
+    timing = window.get("text_timing", "latest")
     pick = text_grid_for if timing == "grid" else text_slots_for
     return pick(times[:, 0], times[:, 1], onsets, window_s, window["text_slots"])
 

@@ -8,15 +8,11 @@ into the next, so nothing of the held-out TRs leaks into training.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from giblet.errors import DataError
 
 SPLITS = ("train", "val", "test")
-
-
-def gap_seconds(lookback_s: float, hrf_length_s: float, gap_s: Optional[float] = None) -> float:
-    return lookback_s + hrf_length_s if gap_s is None else gap_s
 
 
 def split_blocks(
@@ -33,10 +29,10 @@ def split_blocks(
     Test is the last block, validation sits between train and test. A gap
     shorter than ``min_gap_s`` (the lookback plus the HRF length) is refused.
     """
-    if gap_s < min_gap_s:
+    if gap_s < max(min_gap_s, 0.0):
         raise DataError(
             source,
-            f"split.gap_s is {gap_s:g} s",
+            f"a gap of {gap_s:g} s between the splits",
             expected=f"at least window.lookback_s + window.hrf_length_s = {min_gap_s:g} s so no window straddles two splits",
         )
     gap_trs = int(math.ceil(gap_s / tr_s - 1e-9))
@@ -48,7 +44,7 @@ def split_blocks(
         raise DataError(
             source,
             f"{n_trs} TRs cannot hold train, {n_val} val and {n_test} test TRs with gaps of {gap_trs} TRs ({gap_s:g} s)",
-            expected="more TRs, or smaller split fractions, window.lookback_s or split.gap_s",
+            expected="more TRs, or smaller split fractions, window.lookback_s or window.hrf_length_s",
         )
     train = (0, n_train)
     val = (n_train + gap_trs, n_train + gap_trs + n_val) if n_val else (n_train, n_train)

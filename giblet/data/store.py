@@ -39,7 +39,7 @@ import numpy as np
 from giblet.version import __version__
 from giblet.config import STORE_SECTIONS, Config
 from giblet.data import alignment as alignment_mod
-from giblet.data.splits import gap_seconds, split_blocks
+from giblet.data.splits import split_blocks
 from giblet.errors import DataError
 from giblet.progress import bar
 
@@ -331,7 +331,7 @@ def _write_audio(movie: Path, config: Config, tmp: Path, progress: bool) -> Dict
         "start_s": float(start_s),
     }
     if "mel" in features:
-        mel, mel_rate = audio.mel_spectrogram(samples, rate, n_mels=config.audio.n_mels, frame_rate_hz=config.audio.mel_rate_hz)
+        mel, mel_rate = audio.mel_spectrogram(samples, rate, n_mels=config.audio.n_mels, frame_rate_hz=audio.MEL_RATE_HZ)
         mel16 = mel.astype(np.float16)
         np.save(tmp / "audio_mel.npy", mel16)
         result["mel"] = {**_entry("audio_mel.npy", mel16), "rate_hz": float(mel_rate), "start_s": float(start_s), "n_mels": int(mel.shape[1])}
@@ -360,7 +360,7 @@ def _write_text(annotations: Path, config: Config, tmp: Path, progress: bool) ->
     t = config.text
     segments = text.read_annotations(annotations, t.start_column, t.end_column, tuple(t.text_columns), t.sheet)
     embedder = text.load_embedder(t.embedder)
-    embeddings = text.embed_texts(segments.texts, embedder, batch_size=t.batch_size, progress=progress).astype(np.float16)
+    embeddings = text.embed_texts(segments.texts, embedder, progress=progress).astype(np.float16)
     np.save(tmp / "text_embeddings.npy", embeddings)
     np.save(tmp / "text_times.npy", np.stack([segments.starts, segments.ends], axis=1).astype(np.float64))
     (tmp / "text.json").write_text(json.dumps(list(segments.texts), ensure_ascii=False))
@@ -389,7 +389,7 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
             fix="lower fmri.min_subject_fraction or drop the subject with the smallest valid count via data.subjects",
         )
     fmri.write_mask(mask, infos[0].affine, tmp / "mask.nii.gz")
-    dtype = np.dtype(config.fmri.dtype)
+    dtype = np.dtype(np.float16)  # z-scores: float16 keeps ~3 significant digits, far below the noise
     shape = (len(sources.fmri), align.n_trs, n_voxels)
     # Plain sequential writes, not a writable memmap: the written pages then belong to the
     # page cache, not to this process, and peak memory stays one subject's worth.
@@ -471,7 +471,7 @@ def split_trs(align: alignment_mod.Alignment, config: Config, source: str):
         align.tr_s,
         config.split.val_fraction,
         config.split.test_fraction,
-        gap_seconds(w.lookback_s, w.hrf_length_s, config.split.gap_s),
+        w.lookback_s + w.hrf_length_s,
         min_gap_s=w.lookback_s + w.hrf_length_s,
         source=source,
     )
@@ -547,7 +547,8 @@ def prepare(
             "notes": align.notes,
         }
         manifest["splits"] = {"blocks": {k: list(v) for k, v in layout["blocks"].items()}, "gap_trs": layout["gap_trs"]}
-        manifest["window"] = {"lookback_s": lookback, "window_s": lookback + align.tr_s, **config.section("window")["window"]}
+        manifest["window"] = {"lookback_s": lookback, "window_s": lookback + align.tr_s, **config.section("window")["window"],
+                              "text_timing": "grid"}
 
         # Cheapest first, so a bad annotation, scan or soundtrack fails before the long video decode.
         manifest["text"] = _write_text(sources.annotations, config, tmp, progress)

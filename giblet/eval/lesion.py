@@ -498,7 +498,7 @@ def _write_mel_audio(folder: Path, store: Store, scales: LossScales, intact: Slo
 
     manifest = store.manifest["audio"]
     m = manifest["mel"]
-    hop = mel_hop(int(manifest["sample_rate"]), store.manifest["settings"]["audio"]["mel_rate_hz"])
+    hop = mel_hop(int(manifest["sample_rate"]), m["rate_hz"])  # the stored rate is exactly sample_rate / hop
     mean, std = np.asarray(scales.mel_mean, dtype=np.float32), np.asarray(scales.mel_std, dtype=np.float32)
     first = int(round((intact.times[0] - m["start_s"]) * m["rate_hz"] - 0.5))
     original = np.asarray(store.mel()[first : first + len(intact.times)], dtype=np.float32)

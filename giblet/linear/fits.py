@@ -12,10 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from giblet.data.store import Store
-from giblet.linear.ridge import BANDED_SEARCH, BandedRidge, HrfRidge
-
-TEACHER_RIDGES = ("banded", "hrf")
-
+from giblet.linear.ridge import BANDED_SEARCH, BandedRidge
 
 def _target(store: Store, target: Optional[np.ndarray]) -> np.ndarray:
     return np.asarray(store.fmri_mean(), dtype=np.float32) if target is None else target
@@ -55,7 +52,7 @@ def banded_linear_map(store: Store, parts: Dict[str, np.ndarray], hrf: str, targ
 class LinearPrior:
     """What training starts from. ``weight (features, voxels)``, ``bias (voxels,)`` float32: the banded ridge as
     one linear map on ``hrf_regressors`` (``model.set_linear_branch``), None without a branch. ``fit (train
-    TRs, voxels)`` float32: a ridge's in-sample fit of the training TRs (``WindowDataset.blend_targets``),
+    TRs, voxels)`` float32: the banded ridge's in-sample fit of the training TRs (``WindowDataset.blend_targets``),
     None without a teacher. ``shares``: the banded ridge's block weight shares, None when it was not fit."""
 
     weight: Optional[np.ndarray]
@@ -64,31 +61,23 @@ class LinearPrior:
     shares: Optional[Dict[str, float]]
 
 
-def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: bool = True,
-                 teacher: Optional[str] = "banded", target: Optional[np.ndarray] = None,
-                 n_iter: int = BANDED_SEARCH, seed: int = 0) -> LinearPrior:
-    """The linear branch (``branch``) and the linear teacher's fit (``teacher``: ``banded``, ``hrf`` or None) for
-    the blocks ``parts`` (``regressor_parts``) through ``hrf``, fit on the train TRs of ``target`` (default: the
-    group mean).
+def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: bool = True, teacher: bool = True,
+                 target: Optional[np.ndarray] = None, n_iter: int = BANDED_SEARCH, seed: int = 0) -> LinearPrior:
+    """The linear branch (``branch``) and the linear teacher's fit (``teacher``) for the blocks ``parts``
+    (``regressor_parts``) through ``hrf``: one banded ridge, fit on the train TRs of ``target`` (default: the
+    group mean), when either needs it.
 
-    The banded ridge is fit once, when either needs it: the branch is its ``linear_map()`` and the ``banded``
-    teacher its ``predict`` on the training TRs (the kernel form, as ``banded_ridge`` predicts; ``hrf_regressors
-    @ weight + bias`` differs from it by the float32 rounding of the kernels, ~1e-4 of the spread). The ``hrf`` teacher is ``HrfRidge``'s in-sample fit on the blocks side by side.
-    Seeded: every process computes the same prior from the same store.
+    The branch is its ``linear_map()`` and the teacher its ``predict`` on the training TRs (the kernel form, as
+    ``banded_ridge`` predicts; ``hrf_regressors @ weight + bias`` differs from it by the float32 rounding of the
+    kernels, ~1e-4 of the spread). Seeded: every process computes the same prior from the same store.
     """
-    if teacher is not None and teacher not in TEACHER_RIDGES:
-        raise ValueError(f"teacher is {teacher!r}; expected one of {TEACHER_RIDGES} or None")
-    target = _target(store, target)
-    train = slice(*store.splits["train"])
     weight = bias = fit = shares = None
-    if branch or teacher == "banded":
-        banded = BandedRidge(store.tr_s, hrf, n_iter, seed).fit(parts, target, rows=train)
+    if branch or teacher:
+        train = slice(*store.splits["train"])
+        banded = BandedRidge(store.tr_s, hrf, n_iter, seed).fit(parts, _target(store, target), rows=train)
         shares = banded.block_shares_
         if branch:
             weight, bias = banded.linear_map()
-        if teacher == "banded":
+        if teacher:
             fit = banded.predict(parts, rows=train)
-    if teacher == "hrf":
-        features = np.concatenate(list(parts.values()), axis=1)
-        fit = HrfRidge(store.tr_s, hrf).fit(features, target, rows=train).predict(features, rows=train)
     return LinearPrior(weight, bias, fit, shares)

@@ -6,7 +6,7 @@
         codes -> resample_codes + per-codebook embeddings; mel -> grid_average + shared projection;
         segments -> gather_project (shared per-segment projection)
     L2  per modality: slots concatenated -> one modality vector
-    L3  fusion: modality vectors concatenated (a whole modality may be dropped in training)
+    L3  fusion: modality vectors concatenated
     L4-L6  encoder blocks (Linear, LayerNorm, GELU, dropout)
     L7  bottleneck = brain space: one unit per voxel, identity activation,
         lesion mask (native bottleneck op); the fMRI loss is applied here; the decoder
@@ -127,21 +127,9 @@ class TemporalConcat(nn.Module):
 
 
 class Fusion(nn.Module):
-    """L3: modality vectors side by side; in training, whole modalities are silenced at random."""
-
-    def __init__(self, n_modalities: int, dropout: float) -> None:
-        super().__init__()
-        self.n_modalities, self.dropout = n_modalities, dropout
+    """L3: the modality vectors side by side (a module of its own so the layer table can trace it)."""
 
     def forward(self, vectors: List[torch.Tensor]) -> torch.Tensor:
-        if self.training and self.dropout > 0 and len(vectors) > 1:
-            batch = vectors[0].shape[0]
-            keep = torch.rand(batch, len(vectors), device=vectors[0].device) >= self.dropout
-            # Never silence every modality of a sample: keep one at random instead.
-            none = ~keep.any(dim=1)
-            if none.any():
-                keep[none, torch.randint(len(vectors), (int(none.sum()),), device=keep.device)] = True
-            vectors = [v * keep[:, i : i + 1].to(v.dtype) for i, v in enumerate(vectors)]
         return torch.cat(vectors, dim=1)
 
 
@@ -204,15 +192,15 @@ class GibletAutoencoder(nn.Module):
             self.l1_video = GatherProjection(dims.frame_size, config.frame_features, scale=1 / 255, shift=-0.5)
             self.l2_video = TemporalConcat(dims.video_slots, config.frame_features, width, config.temporal_kernels)
         if dims.present("codes"):
-            self.l1_codes = CodeEmbedding(dims.n_codebooks, dims.codebook_size, config.code_features)
-            self.l2_codes = TemporalConcat(dims.code_slots, config.code_features, width, config.temporal_kernels)
+            self.l1_codes = CodeEmbedding(dims.n_codebooks, dims.codebook_size, config.slot_features)
+            self.l2_codes = TemporalConcat(dims.code_slots, config.slot_features, width, config.temporal_kernels)
         if dims.present("mel"):
-            self.l1_mel = SlotProjection(dims.n_mels, config.mel_features)
-            self.l2_mel = TemporalConcat(dims.mel_slots, config.mel_features, width, config.temporal_kernels)
+            self.l1_mel = SlotProjection(dims.n_mels, config.slot_features)
+            self.l2_mel = TemporalConcat(dims.mel_slots, config.slot_features, width, config.temporal_kernels)
         if dims.present("text"):
-            self.l1_text = GatherProjection(dims.embedding_size, config.segment_features)
-            self.l2_text = TemporalConcat(dims.text_slots, config.segment_features, width, config.temporal_kernels)
-        self.l3_fusion = Fusion(len(self.modalities), config.modality_dropout)
+            self.l1_text = GatherProjection(dims.embedding_size, config.slot_features)
+            self.l2_text = TemporalConcat(dims.text_slots, config.slot_features, width, config.temporal_kernels)
+        self.l3_fusion = Fusion()
         self.n_units = dims.n_voxels
         # Training only (deep supervision of L2): each modality vector alone, read out to layer 7's units.
         self.modality_readouts = (

@@ -40,7 +40,11 @@ from giblet.train.losses import GibletLoss, LossScales
 CONFIG_NAME = "config.yaml"
 
 
-def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_lr_fraction: float) -> float:
+WARMUP_FRACTION = 0.05  # of all optimizer steps
+MIN_LR_FRACTION = 0.1  # of train.lr, where the cosine ends
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float = WARMUP_FRACTION, min_lr_fraction: float = MIN_LR_FRACTION) -> float:
     """Linear warmup, then cosine from 1 down to ``min_lr_fraction``; stepped once per optimizer step."""
     warmup = max(1, int(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
     if step < warmup:
@@ -239,7 +243,7 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
         # One banded fit for both the branch and the banded teacher. Every process fits the same (seeded) ridge
         # on the same data: no broadcast needed.
         prior = linear_prior(store, regressor_parts(store, model.stimuli.small_frames, height, width), config.alignment.hrf,
-                             branch=m.linear_branch, teacher=config.loss.fmri_teacher_ridge if teacher else None)
+                             branch=m.linear_branch, teacher=teacher)
         if m.linear_branch:
             model.set_linear_branch(prior.weight, prior.bias)
         if teacher:
@@ -258,7 +262,7 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
         raise DataError(store.path, f"{len(train_set)} training samples", expected=f"at least train.batch_size = {t.batch_size}")
     total_steps = t.epochs * steps_per_epoch
     optimizer = make_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, t.warmup_fraction, t.min_lr_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps))
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and t.bf16)  # noqa: E731
     ema = WeightAverage(model, t.ema_decay) if t.ema_decay > 0 else None
     return Parts(model, ddp, train_set, val_set, GibletLoss(config.loss, scales), optimizer, scheduler, ema,
