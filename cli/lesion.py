@@ -15,7 +15,7 @@ from giblet_cli.common import console, fail_cleanly
 @fail_cleanly
 def lesion(
     run: Path = typer.Argument(..., help="Run folder (its best checkpoint) or a checkpoint file."),
-    roi: Path = typer.Option(..., "--roi", help="ROI NIfTI on the store's grid: its non-zero voxels' layer-7 units are silenced."),
+    roi: Path = typer.Option(..., "--roi", help="ROI NIfTI: voxels with a value > 0 are silenced (their layer-7 units). On another grid it is resampled by nearest neighbour, with a warning."),
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/lesion/<roi name>)."),
     store: Optional[Path] = typer.Option(None, help="The run's store (default: RUN/store)."),
     permutations: int = typer.Option(39, min=0, help="Random ROIs of the same size behind each p-value (the smallest p is 1 / (N + 1))."),

@@ -111,7 +111,7 @@ def _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, model=None, loss=No
 
 
 def test_model_inputs_train_a_single_modality_model(tiny_data, tiny_store, tiny_config, tmp_path):
-    # The training targets half the ridge_banded fit (mel and text blocks).
+    # An audio-only model: the teacher (half of ridge_banded's fit of the store's blocks) still trains it.
     out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"inputs": ["audio"]}, {"fmri_teacher": 0.5})
     model = giblet.load(out)
     assert model.modalities == ["mel"] and model.config.inputs == ["audio"]
