@@ -20,6 +20,7 @@ from giblet_cli.common import console, fail_cleanly
 OPS_CASE = "ops"  # every op case
 TRAIN_CASE = "train_step"
 DATA_CASE = "data"
+LESION_CASE = "lesion_atlas"
 
 
 class BenchSize(str, Enum):
@@ -39,7 +40,8 @@ def bench(
     repeats: int = typer.Option(8, min=1, help="Timed calls per variant (rounded up to an even number); the median is reported."),
     case: Optional[List[str]] = typer.Option(
         None, help=f"Only these cases (repeatable): an op case or {OPS_CASE} for all of them, {TRAIN_CASE} for the model's "
-                   f"training step, {DATA_CASE} for reading batches from --store; default: {OPS_CASE} and {TRAIN_CASE}."
+                   f"training step, {DATA_CASE} for reading batches from --store, {LESION_CASE} for the atlas lesion sweep against separate "
+                   f"--roi runs on --store; default: {OPS_CASE} and {TRAIN_CASE}."
     ),
     memory: bool = typer.Option(True, help="Measure peak extra memory (CPU: one fresh process per variant)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows and ratios as JSON here."),
@@ -63,6 +65,8 @@ def bench(
     ),
     data_batch: int = typer.Option(16, min=1, help=f"{DATA_CASE}: windows per batch."),
     data_repeats: int = typer.Option(100, min=1, help=f"{DATA_CASE}: timed batches per reading case."),
+    lesion_parcels: int = typer.Option(150, min=1, help=f"{LESION_CASE}: about this many cube parcels."),
+    lesion_permutations: int = typer.Option(39, min=0, help=f"{LESION_CASE}: random parcels per null."),
 ) -> None:
     """Time the native ops against their baselines (forward + backward, median) and measure peak extra memory;
     time the model's training step (TRs/s) with the native ops and with the references swapped in;
@@ -74,15 +78,16 @@ def bench(
 
     size, device = size.value, device.value
     assert set(SIZES) == {s.value for s in BenchSize}
-    groups = (OPS_CASE, TRAIN_CASE, DATA_CASE)
+    groups = (OPS_CASE, TRAIN_CASE, DATA_CASE, LESION_CASE)
     unknown = [name for name in case or [] if name not in CASES and name not in groups]
     if unknown:
         raise typer.BadParameter(f"{', '.join(map(repr, unknown))}; expected one of {', '.join([*CASES, *groups])}", param_hint="--case")
     chosen = case or [OPS_CASE, TRAIN_CASE]
     op_cases = list(CASES) if OPS_CASE in chosen else [name for name in chosen if name in CASES]
-    train, data = TRAIN_CASE in chosen, DATA_CASE in chosen
-    if data and store is None:
-        raise typer.BadParameter(f"--case {DATA_CASE} reads a prepared store: name it with --store", param_hint="--case")
+    train, data, lesions = TRAIN_CASE in chosen, DATA_CASE in chosen, LESION_CASE in chosen
+    for needs_store, name in ((data, DATA_CASE), (lesions, LESION_CASE)):
+        if needs_store and store is None:
+            raise typer.BadParameter(f"--case {name} reads a prepared store: name it with --store", param_hint="--case")
     if (op_cases or train) and device == "cuda" and not (torch.cuda.is_available() and ops.build_info()["cuda_kernels"]):
         console.print("[red]--device cuda needs a visible GPU and a build with CUDA kernels (see `giblet validate`)[/red]")
         raise typer.Exit(1)
@@ -105,6 +110,7 @@ def bench(
         if device == "cpu" and train_result.speedup <= 1.0:
             missed.append(f"{TRAIN_CASE}: the training step with the native ops is faster than with the references")
     data_result = run_data_bench(store, data_batch, data_repeats) if data else None
+    lesion_result = _bench_lesion_atlas(store, train_config, lesion_parcels, lesion_permutations) if lesions else None
     if json_out:
         payload = {
             "size": size,
@@ -115,6 +121,7 @@ def bench(
             "ratios": [{"case": c, "baseline": b, **v} for (c, b), v in ratios(rows).items()],
             "train_step": None if train_result is None else train_result.to_dict(),
             "data": data_result,
+            "lesion_atlas": lesion_result,
             "missed_targets": missed,
         }
         json_out.write_text(json.dumps(payload, indent=2))
@@ -206,3 +213,24 @@ def run_data_bench(store_path: Path, batch: int, repeats: int) -> dict:
         table.add_row(name, f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['max_ms']:.2f}")
     console.print(table)
     return {"store": str(store_path), "batch_size": batch, "repeats": repeats, "cases": results}
+
+
+def _bench_lesion_atlas(store_path: Path, config_path: Optional[Path], parcels: int, permutations: int) -> dict:
+    """Time the atlas sweep against separate --roi runs; print the table."""
+    from giblet.bench.lesion import lesion_atlas_times
+    from giblet.config import load_config
+    from giblet.data.store import open_store
+
+    with console.status(f"benchmarking {LESION_CASE}"):
+        result = lesion_atlas_times(open_store(store_path), load_config(config_path), parcels, permutations)
+    table = Table(title=f"lesion atlas: {result['voxels']:,} voxels, {result['parcels']} cube parcels (edge {result['cube_edge']}, "
+                        f"median {result['median_parcel_voxels']:.0f} voxels), {result['windows']} test windows, "
+                        f"{permutations} random parcels per null")
+    for column in ("variant", "seconds", "seconds per parcel", "speed-up per parcel"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    table.add_row(f"--atlas sweep ({result['null_classes']} null classes)", f"{result['sweep_s']:.1f}",
+                  f"{result['sweep_s_per_parcel']:.3f}", f"{result['speedup_per_parcel']:.1f}x")
+    table.add_row(f"--roi runs (median of {result['roi_runs']})", f"{result['roi_runs_s_for_all_parcels']:.1f} (all parcels)",
+                  f"{result['roi_s_per_parcel']:.3f}", "")
+    console.print(table)
+    return result

@@ -1,4 +1,4 @@
-"""`giblet lesion`: reconstruct the held-out windows with and without an ROI's layer-7 units."""
+"""`giblet lesion`: reconstruct the held-out windows with and without an ROI's (or every atlas parcel's) layer-7 units."""
 
 from __future__ import annotations
 
@@ -15,22 +15,28 @@ from giblet_cli.common import console, fail_cleanly
 @fail_cleanly
 def lesion(
     run: Path = typer.Argument(..., help="Run folder (its best checkpoint) or a checkpoint file."),
-    roi: Path = typer.Option(..., "--roi", help="ROI NIfTI: voxels with a value > 0 are silenced (their layer-7 units). On another grid it is resampled by nearest neighbour, with a warning."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/lesion/<roi name>)."),
+    roi: Optional[Path] = typer.Option(None, "--roi", help="ROI NIfTI: voxels with a value > 0 are silenced (their layer-7 units). On another grid it is resampled by nearest neighbour, with a warning."),
+    atlas: Optional[Path] = typer.Option(None, "--atlas", help="Label NIfTI: every parcel (integer label > 0) silenced in turn; a map of what each carries."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: RUN/lesion/<roi name> or RUN/lesion/atlas-<atlas name>)."),
     store: Optional[Path] = typer.Option(None, help="The run's store (default: RUN/store)."),
-    permutations: int = typer.Option(39, min=0, help="Random ROIs of the same size behind each p-value (the smallest p is 1 / (N + 1))."),
+    permutations: int = typer.Option(39, min=0, help="Random contiguous parcels of the same size behind each p-value (the smallest p is 1 / (N + 1))."),
     split: str = typer.Option("test", help="Windows to reconstruct: test or val."),
-    seed: int = typer.Option(0, help="Seed of the random ROIs."),
+    seed: int = typer.Option(0, help="Seed of the random parcels."),
 ) -> None:
-    """Reconstruct the held-out windows with and without an ROI's units: losses, p-values, frames, audio, nearest texts."""
-    from giblet.eval.lesion import lesion as run_lesion
-
+    """Reconstruct the held-out windows with and without an ROI's units (or each atlas parcel's): losses, p- and q-values, maps, frames, audio, nearest texts."""
     if split not in ("test", "val"):
         raise typer.BadParameter(f"{split!r}; expected test or val", param_hint="--split")
+    if (roi is None) == (atlas is None):
+        raise typer.BadParameter("give --roi ROI.nii.gz (one region) or --atlas LABELS.nii.gz (every parcel), not both", param_hint="--roi / --atlas")
+    if atlas is not None:
+        _print_atlas(run, atlas, out, store, permutations, split, seed)
+        return
+    from giblet.eval.lesion import lesion as run_lesion
+
     report = run_lesion(run, roi, out, store, permutations, split, seed)
     table = Table(title=f"giblet lesion {escape(str(run))}: {escape(roi.name)}, {report['roi_voxels']} voxels "
                         f"({report['lesioned_units']} of {report['n_units']} units), {split} TRs {report['trs'][0]}-{report['trs'][1] - 1}")
-    for column in ("modality", "loss intact", "loss lesioned", "relative change", f"p ({permutations} random ROIs)"):
+    for column in ("modality", "loss intact", "loss lesioned", "relative change", f"p ({permutations} random parcels)"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for name, values in report["modalities"].items():
         shown = name if name != "audio" else f"audio ({report['audio_feature']})"
@@ -44,3 +50,26 @@ def lesion(
         note = f" ({escape(entry['skipped'])})" if entry.get("skipped") else ""
         console.print(f"  {name}: {escape(', '.join(files) or 'none')}{note}")
     console.print("  lesion.json")
+
+
+def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: str, seed: int) -> None:
+    from giblet.eval.atlas import lesion_atlas
+
+    report = lesion_atlas(run, atlas, out, store, permutations, split, seed)
+    by_label = {parcel["label"]: parcel for parcel in report["parcels"]}
+    console.print(f"giblet lesion {escape(str(run))} --atlas {escape(atlas.name)}: {len(report['parcels'])} parcels, "
+                  f"{report['voxels_in_parcels']:,} of {report['n_units']:,} units, {report['windows']} {split} windows, "
+                  f"{len(report['null']['classes'])} null size classes x {permutations} random contiguous parcels")
+    for name, ranked in report["top"].items():
+        table = Table(title=f"parcels that carry most {name}")
+        for column in ("label", "voxels", "relative change", "p", "q"):
+            table.add_column(column, justify="right")
+        for label in ranked[:5]:
+            values = by_label[label]["modalities"][name]
+            p, q = values["p_value"], values["q_value"]
+            table.add_row(str(label), str(by_label[label]["voxels"]), f"{values['relative_change']:+.2%}",
+                          "-" if p is None else f"{p:.3f}", "-" if q is None else f"{q:.3f}")
+        console.print(table)
+    console.print(f"report in {escape(report['out'])}: atlas.json, " + ", ".join(
+        f"{files['carries']}, {files['q']}, {files['png']}" + (f", {files['top_report']}/" if "top_report" in files else "")
+        for files in report["files"].values()))

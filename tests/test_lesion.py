@@ -256,15 +256,36 @@ def untrained_model(untrained_run, tiny_store):
     return model, store, encoded
 
 
-def test_random_units_are_seeded(untrained_model):
+def test_random_parcels_are_seeded(untrained_model):
     model, store, encoded = untrained_model
     loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
     intact = lesion_mod.modality_losses(model, loss, encoded)
-    first = lesion_mod.random_changes(model, loss, encoded, intact, 100, 3, seed=5, progress=False)
-    again = lesion_mod.random_changes(model, loss, encoded, intact, 100, 3, seed=5, progress=False)
-    other = lesion_mod.random_changes(model, loss, encoded, intact, 100, 3, seed=6, progress=False)
+    mask = store.mask()[0]
+    first = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=5, progress=False)
+    again = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=5, progress=False)
+    other = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=6, progress=False)
     assert first == again and first != other
-    assert len(set(first["video"])) == 3  # three different random sets
+    assert len(set(first["video"])) == 3  # three different random parcels
+
+
+def test_many_lesions_in_one_pass_equal_each_decoded_alone(untrained_model):
+    model, store, encoded = untrained_model
+    batch, brain, targets = encoded[0]
+    generator = torch.Generator().manual_seed(0)
+    silenced = torch.rand(5, model.n_units, generator=generator) < torch.tensor([0.0, 0.01, 0.1, 0.5, 1.0])[:, None]
+    together = model.decode_silenced(brain, silenced)
+    n = brain.shape[0]
+    for k in range(5):
+        alone = model.decode(brain * ~silenced[k])
+        for name, value in alone.items():
+            torch.testing.assert_close(together[name][k * n : (k + 1) * n], value, rtol=1e-4, atol=1e-5, msg=f"{name}, set {k}")
+    # And the losses of a sweep are the losses of each lesion scored on its own.
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+    swept = lesion_mod.lesion_losses(model, loss, encoded, silenced, progress=False)
+    for k in range(5):
+        alone = lesion_mod.modality_losses(model, loss, encoded, silenced[k])
+        for name in alone:
+            assert swept[name][k] == pytest.approx(alone[name], rel=1e-4, abs=1e-6), (name, k)
 
 
 # --------------------------------------------------------------------------- errors
@@ -396,3 +417,105 @@ def test_decoded_codes_go_through_the_stores_encodec_model(tiny_store, tmp_path)
             assert reader.getframerate() == c["model_sample_rate"]
             samples = np.frombuffer(reader.readframes(reader.getnframes()), dtype="<i2")
         assert samples.size == 150 * c["model_sample_rate"] // c["rate_hz"] and np.abs(samples).max() > 1000
+
+
+# --------------------------------------------------------------------------- the atlas
+
+
+ATLAS_PERMUTATIONS = 19
+
+
+@pytest.fixture(scope="module")
+def truth_atlas(regions, tiny_store, tmp_path_factory):
+    """A label image: the truth's auditory region (label 1), its visual region (2), the rest of the mask in cubes (3..)."""
+    from giblet.data.parcels import cube_atlas
+
+    _, _, auditory, visual = regions
+    mask, affine = tiny_store.mask()
+    cubes = cube_atlas(mask, 4)[mask]
+    labels = np.zeros(int(mask.sum()), dtype=np.int32)
+    rest = ~(auditory | visual)
+    _, renumbered = np.unique(cubes[rest], return_inverse=True)
+    labels[rest] = renumbered + 3
+    labels[auditory], labels[visual] = 1, 2
+    values = np.zeros(mask.shape, dtype=np.int32)
+    values[mask] = labels
+    path = tmp_path_factory.mktemp("atlas") / "truth_atlas.nii.gz"
+    nib.save(nib.Nifti1Image(values, affine), str(path))
+    return path, labels
+
+
+@pytest.fixture(scope="module")
+def atlas_report(wired_run, truth_atlas, tiny_store):
+    result = runner.invoke(app, ["lesion", str(wired_run), "--atlas", str(truth_atlas[0]), "--store", str(tiny_store.path),
+                                 "--permutations", str(ATLAS_PERMUTATIONS)])
+    assert result.exit_code == 0, result.output
+    out = wired_run / "lesion" / "atlas-truth_atlas"
+    return out, result.output, json.loads((out / "atlas.json").read_text())
+
+
+def test_the_atlas_map_finds_the_region_each_modality_is_read_from(atlas_report, truth_atlas):
+    _, output, report = atlas_report
+    labels = truth_atlas[1]
+    by_label = {parcel["label"]: parcel for parcel in report["parcels"]}
+    assert sorted(by_label) == sorted(set(labels.tolist()) - {0}) and by_label[1]["voxels"] == int((labels == 1).sum())
+    # The wired decoder reads the audio from region 1 and the video from region 2: each tops its modality's ranking,
+    # with the smallest p a null of that many random parcels allows, and the smallest q of its modality.
+    for name, label in (("audio", 1), ("video", 2)):
+        assert report["top"][name][0] == label, (name, report["top"][name][:3])
+        entry = by_label[label]["modalities"][name]
+        assert entry["p_value"] == 1 / (1 + ATLAS_PERMUTATIONS), entry
+        assert entry["q_value"] == min(parcel["modalities"][name]["q_value"] for parcel in report["parcels"])
+    assert abs(by_label[1]["modalities"]["video"]["relative_change"]) < 1e-5  # silencing the audio region leaves the video
+    assert abs(by_label[2]["modalities"]["audio"]["relative_change"]) < 1e-5
+    assert all(parcel["modalities"]["text"]["relative_change"] == 0 for parcel in report["parcels"])  # text reads nothing
+    assert "parcels that carry most audio" in output.replace("\n", " ")
+
+
+def test_the_atlas_p_values_use_one_contiguous_null_per_size_class_and_q_is_benjamini_hochberg(atlas_report):
+    from giblet.eval.atlas import SIZE_RATIO, benjamini_hochberg
+
+    _, _, report = atlas_report
+    classes = report["null"]["classes"]
+    assert report["null"]["permutations"] == ATLAS_PERMUTATIONS and sum(c["parcels"] for c in classes) == len(report["parcels"])
+    for parcel in report["parcels"]:
+        size = classes[parcel["size_class"]]["size"]
+        assert size / SIZE_RATIO <= parcel["voxels"] <= size * SIZE_RATIO, (parcel["label"], parcel["voxels"], size)
+    names = ["video", "audio", "text"]
+    p = np.array([[parcel["modalities"][name]["p_value"] for parcel in report["parcels"]] for name in names])
+    q = np.array([[parcel["modalities"][name]["q_value"] for parcel in report["parcels"]] for name in names])
+    np.testing.assert_allclose(q, benjamini_hochberg(p))
+    assert np.all(q >= p - 1e-12) and np.all(q <= 1)
+
+
+def test_benjamini_hochberg_matches_the_step_up_rule():
+    from giblet.eval.atlas import benjamini_hochberg
+
+    p = np.array([0.01, 0.04, 0.03, 0.2])
+    # Sorted 0.01, 0.03, 0.04, 0.2 -> p * 4 / rank = 0.04, 0.06, 0.0533, 0.2 -> running minimum from the top.
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.04, 0.0533333, 0.0533333, 0.2], rtol=1e-5)
+
+
+def test_the_atlas_maps_hold_each_parcels_change_and_q_and_the_top_parcels_have_roi_reports(atlas_report, truth_atlas, tiny_store):
+    out, _, report = atlas_report
+    labels = truth_atlas[1]
+    mask, _ = tiny_store.mask()
+    by_label = {parcel["label"]: parcel for parcel in report["parcels"]}
+    for name in ("video", "audio", "text"):
+        carries = np.asarray(nib.load(str(out / f"carries_{name}.nii.gz")).dataobj)
+        q_map = np.asarray(nib.load(str(out / f"q_{name}.nii.gz")).dataobj)
+        assert carries.shape == mask.shape and np.all(carries[~mask] == 0)
+        for label in (1, 2, 3):
+            inside = labels == label
+            np.testing.assert_allclose(carries[mask][inside], by_label[label]["modalities"][name]["relative_change"], rtol=1e-6)
+            np.testing.assert_allclose(q_map[mask][inside], by_label[label]["modalities"][name]["q_value"], rtol=1e-6)
+        assert (out / f"carries_{name}.png").stat().st_size > 1000
+    top_audio = json.loads((out / "top_audio" / "lesion.json").read_text())
+    assert top_audio["roi_voxels"] == by_label[1]["voxels"] and (out / "top_audio" / "audio_lesioned.wav").is_file()
+    assert (out / "top_video" / "frames.mp4").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_lesion_takes_an_roi_or_an_atlas(untrained_run, tiny_store, tmp_path):
+    result = runner.invoke(app, ["lesion", str(untrained_run), "--store", str(tiny_store.path)])
+    assert result.exit_code != 0 and "--roi" in result.output and "--atlas" in result.output

@@ -4,8 +4,8 @@ The held-out windows are encoded once; their layer 7 is decoded intact and with 
 ROI's units at 0 (what ``model.lesion`` does: a lesioned unit of the bottleneck outputs
 exactly 0). Each modality's reconstruction loss is the matching term of
 ``GibletLoss`` (frames MSE, mel MSE or code cross-entropy, text cosine distance) over
-the same windows. Its relative change is compared with the changes that random sets of
-units of the same size cause: ``p = (1 + #{random change >= observed}) / (1 + N)``.
+the same windows. Its relative change is compared with the changes that random contiguous
+parcels of the same size cause (grown from random voxels of the mask through face neighbours): ``p = (1 + #{random change >= observed}) / (1 + N)``.
 
 Writes ``OUT/`` (default ``RUN/lesion/<roi name>/``), atomically:
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from giblet.data import volume
+from giblet.data.parcels import random_contiguous_parcels
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.store import Store, open_store, replace_folder
 from giblet.errors import DataError
@@ -257,21 +258,45 @@ def _timelines(model, store: Store, encoded) -> Dict[str, Union[SlotAverage, Slo
 # --------------------------------------------------------------------------- the lesion report
 
 
-def random_changes(model, loss: GibletLoss, encoded, intact: Dict[str, float], n_silenced: int, permutations: int,
-                   seed: int = 0, progress: Optional[bool] = None) -> Dict[str, List[float]]:
-    """Each modality's relative change when ``n_silenced`` units drawn at random (seeded) are silenced, per draw."""
-    rng = np.random.default_rng(seed)
-    device = model.l7_brain.keep.device
-    changes: Dict[str, List[float]] = {name: [] for name in intact}
-    with bar(f"random ROIs of {n_silenced} units", total=permutations, show=progress) as progress_bar:
-        for _ in range(permutations):
-            units = torch.zeros(model.n_units, dtype=torch.bool)
-            units[torch.from_numpy(rng.choice(model.n_units, size=n_silenced, replace=False))] = True
-            changed = modality_losses(model, loss, encoded, units.to(device))
-            for name in changes:
-                changes[name].append(relative_change(intact[name], changed[name]))
-            progress_bar.advance(1)
-    return changes
+LESIONS_PER_PASS = 16  # unit sets decoded together by decode_silenced: (16 x batch) rows through the narrow layers
+
+
+@torch.no_grad()
+def lesion_losses(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
+                  label: str = "lesions") -> Dict[str, np.ndarray]:
+    """Each reported modality's loss (as ``modality_losses``) for every unit set of ``silenced (M, units)``: ``(M,)``
+    per name. Sets go through the decoder ``LESIONS_PER_PASS`` at a time (``model.decode_silenced``)."""
+    device = encoded[0][1].device
+    silenced = silenced.to(device)
+    sums: Dict[str, np.ndarray] = {}
+    total = 0
+    with bar(label, total=silenced.shape[0] * len(encoded), show=progress) as progress_bar:
+        for batch, brain, targets in encoded:
+            n = brain.shape[0]
+            total += n
+            for first in range(0, silenced.shape[0], LESIONS_PER_PASS):
+                chunk = silenced[first : first + LESIONS_PER_PASS]
+                recon = model.decode_silenced(brain, chunk)
+                for k in range(chunk.shape[0]):
+                    _, parts = loss({"brain": brain, "reconstructions": {m: v[k * n : (k + 1) * n] for m, v in recon.items()},
+                                     "targets": targets})
+                    for modality in model.modalities:
+                        name = REPORTED[modality]
+                        sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[LOSS_TERMS[modality]]) * n
+                progress_bar.advance(chunk.shape[0])
+    return {name: value / total for name, value in sums.items()}
+
+
+def contiguous_null(model, loss: GibletLoss, encoded, intact: Dict[str, float], mask: np.ndarray, size: int,
+                    permutations: int, seed: int = 0, progress: Optional[bool] = None) -> Dict[str, List[float]]:
+    """Each modality's relative change when random contiguous parcels of ``size`` voxels are silenced, one per draw:
+    grown from random seed voxels inside ``mask`` through face neighbours (``random_contiguous_parcels``), so the
+    null has the spatial structure of a real region rather than scattered voxels."""
+    if permutations == 0:
+        return {name: [] for name in intact}
+    parcels = torch.from_numpy(random_contiguous_parcels(mask, size, permutations, seed))
+    losses = lesion_losses(model, loss, encoded, parcels, progress, f"random parcels of {size} voxels")
+    return {name: [relative_change(intact[name], float(value)) for value in losses[name]] for name in intact}
 
 
 def relative_change(intact: float, lesioned: float) -> float:
@@ -311,7 +336,7 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     observed = {name: relative_change(intact[name], lesioned[name]) for name in intact}
 
     n_silenced = int(units.sum())
-    null = random_changes(model, loss, encoded, intact, n_silenced, permutations, seed, progress)
+    null = contiguous_null(model, loss, encoded, intact, store.mask()[0], n_silenced, permutations, seed, progress)
 
     audio_feature = next((m for m in model.modalities if m in ("mel", "codes")), None)
     report: Dict[str, object] = {
@@ -335,6 +360,8 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
         "trs": [int(t) for t in store.splits[split]],
         "permutations": permutations,
         "seed": seed,
+        "null": {"kind": "random contiguous parcels (face neighbours, inside the mask)", "size": n_silenced,
+                 "permutations": permutations, "seed": seed},
         "null_relative_change": null,
         "checkpoint": str(checkpoint),
         "out": str(out),

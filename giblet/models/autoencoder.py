@@ -333,6 +333,32 @@ class GibletAutoencoder(nn.Module):
         x = brain
         for block in self.l8_l10:
             x = block(x)
+        return self._decode_after_l10(x)
+
+    def decode_silenced(self, brain: torch.Tensor, silenced: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``decode(brain * ~silenced[k])`` for each of ``K`` unit sets at once: ``silenced (K, units)`` bool, the
+        outputs ``(K * B, ...)`` lesion-major (rows ``k * B .. (k + 1) * B`` are set ``k``'s).
+
+        Layer 8's product runs once on the intact layer 7 and each set's share is subtracted (``B x |set| x width``),
+        so a sweep over many lesions costs one layer-8 product plus the narrow layers after it per lesion, not a
+        full decoder pass each. Equal to the one-by-one decode up to float rounding (the sums run in another order).
+        """
+        if silenced.dim() != 2 or silenced.shape[1] != self.n_units or silenced.dtype != torch.bool:
+            raise ValueError(f"silenced must be bool (sets, {self.n_units}); got {silenced.dtype} {tuple(silenced.shape)}")
+        first = self.l8_l10[0]
+        pre = first.linear(brain)  # (B, width)
+        weight = first.linear.weight  # (width, units)
+        shares = []
+        for units in silenced:
+            index = units.nonzero().squeeze(1)
+            shares.append(brain.index_select(1, index) @ weight.index_select(1, index).T)
+        x = (pre.unsqueeze(0) - torch.stack(shares)).reshape(-1, pre.shape[1])
+        x = first.dropout(F.gelu(first.norm(x)))
+        for block in self.l8_l10[1:]:
+            x = block(x)
+        return self._decode_after_l10(x)
+
+    def _decode_after_l10(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         parts = self.l11_split(x).chunk(len(self.modalities), dim=1)
         out = {}
         for modality, part in zip(self.modalities, parts):

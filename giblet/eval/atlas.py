@@ -1,0 +1,212 @@
+"""`giblet lesion RUN --atlas LABELS.nii.gz`: what each parcel of an atlas carries, by silencing it.
+
+Every parcel (integer label > 0 of the label image, read onto the store's grid by
+``giblet.data.volume``'s one policy) is silenced in turn on the same held-out windows,
+many parcels per decoder pass (``GibletAutoencoder.decode_silenced``). Each modality's
+relative loss change is compared with a null of random *contiguous* parcels (grown from
+random voxels of the mask through face neighbours) of the parcel's size class: parcels
+whose sizes lie within a factor ``SIZE_RATIO`` share one null, drawn at the class's
+geometric-mean size. ``p = (1 + #{null >= observed}) / (1 + N)``; ``q`` is the
+Benjamini-Hochberg adjustment over all parcels x modalities.
+
+Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
+
+- ``atlas.json``: ``{"parcels": [{"label", "voxels", "size_class", "modalities": {"video": {"loss_intact",
+  "loss_lesioned", "relative_change", "p_value", "q_value"}, ...}}], "null": {...}, "top": {...}, "split",
+  "windows", ...}``;
+- ``carries_<modality>.nii.gz`` (each voxel: its parcel's relative change; 0 outside the atlas) and
+  ``q_<modality>.nii.gz`` (its parcel's q; 1 outside);
+- ``carries_<modality>.png``: the map on axial slices;
+- ``top_<modality>/``: the ``--roi`` report (frames.mp4, audio, nearest texts) of the parcel that carries
+  most of that modality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from giblet.data import volume
+from giblet.data.dataset import WindowDataset, window_index
+from giblet.data.parcels import size_classes
+from giblet.data.store import replace_folder
+from giblet.errors import DataError
+from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, contiguous_null, lesion, lesion_losses,
+                                load_model, modality_losses, open_run, p_value, relative_change, roi_name)
+from giblet.progress import bar
+from giblet.train.losses import GibletLoss, LossScales
+
+SIZE_RATIO = 1.25  # parcels whose sizes differ by at most this factor share one null
+TOP = 10  # parcels listed per modality in atlas.json's "top"
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values of ``p`` (any shape): the smallest false discovery rate at which each is kept."""
+    flat = np.asarray(p, dtype=np.float64).ravel()
+    n = flat.size
+    if n == 0:
+        return flat.reshape(np.shape(p))
+    order = np.argsort(flat)
+    ranked = flat[order] * n / np.arange(1, n + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty(n)
+    out[order] = q
+    return out.reshape(np.shape(p))
+
+
+def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None, store_path: Optional[PathLike] = None,
+                 permutations: int = 39, split: str = "test", seed: int = 0, reports: bool = True,
+                 progress: Optional[bool] = None) -> Dict[str, object]:
+    """Silence every parcel of ``atlas`` in turn; writes ``out`` and returns atlas.json's dict."""
+    run, atlas = Path(run), Path(atlas)
+    if permutations < 0:
+        raise ValueError(f"permutations must be >= 0, got {permutations}")
+    checkpoint, store = open_run(run, store_path)
+    if split not in store.splits:
+        raise DataError(store.path, f"no split {split!r}", expected=f"one of {', '.join(store.splits)}")
+    grid = store.mask()
+    labels = volume.load_labels(atlas, grid, kind="atlas")  # (V,) int, 0 = in no parcel
+    parcel_labels = np.unique(labels[labels > 0])
+    if parcel_labels.size == 0:
+        raise DataError(atlas, "no parcel (label > 0) inside the store's mask", expected="a label image of the store's brain")
+    out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / f"atlas-{roi_name(atlas)}"
+    if out.exists():
+        _check_replaceable(out)
+    model = load_model(checkpoint, store)
+    dataset = WindowDataset(store, split, "cross_subject", window_index(store))
+    loss = GibletLoss(scales=LossScales.from_store(store, model))
+    encoded = _encode(model, dataset)
+    intact = modality_losses(model, loss, encoded)
+
+    members = torch.from_numpy(labels[None, :] == parcel_labels[:, None])  # (P, V) bool
+    sizes = members.sum(dim=1).numpy()
+    lesioned = lesion_losses(model, loss, encoded, members, progress, f"{len(parcel_labels)} parcels")
+    class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
+    nulls: List[Dict[str, List[float]]] = []
+    with bar("nulls", total=len(class_sizes), show=progress) as progress_bar:
+        for c, size in enumerate(class_sizes):
+            # One seed per class, so a class's null is the same whatever other classes the atlas has.
+            nulls.append(contiguous_null(model, loss, encoded, intact, grid[0], int(size), permutations,
+                                         seed=seed + int(size), progress=False))
+            progress_bar.advance(1)
+
+    names = list(intact)
+    change = {name: np.array([relative_change(intact[name], float(v)) for v in lesioned[name]]) for name in names}
+    p = {name: np.array([p_value(change[name][i], nulls[class_of[i]][name]) if permutations else np.nan
+                         for i in range(len(parcel_labels))]) for name in names}
+    if permutations:
+        q_all = benjamini_hochberg(np.stack([p[name] for name in names]))
+        q = {name: q_all[j] for j, name in enumerate(names)}
+    else:
+        q = {name: np.full(len(parcel_labels), np.nan) for name in names}
+
+    def number(value: float) -> Optional[float]:
+        return None if not np.isfinite(value) else float(value)
+
+    parcels = [
+        {
+            "label": int(label),
+            "voxels": int(sizes[i]),
+            "size_class": int(class_of[i]),
+            "modalities": {
+                name: {"loss_intact": intact[name], "loss_lesioned": float(lesioned[name][i]),
+                       "relative_change": float(change[name][i]), "p_value": number(p[name][i]), "q_value": number(q[name][i])}
+                for name in names
+            },
+        }
+        for i, label in enumerate(parcel_labels)
+    ]
+    top = {name: [int(parcel_labels[i]) for i in np.argsort(-change[name], kind="stable")[:TOP]] for name in names}
+    report: Dict[str, object] = {
+        "atlas": str(atlas),
+        "parcels": parcels,
+        "null": {
+            "kind": "random contiguous parcels (face neighbours, inside the mask), one null per size class",
+            "permutations": permutations, "size_ratio": SIZE_RATIO,
+            "classes": [{"size": int(size), "seed": seed + int(size), "parcels": int((class_of == c).sum())}
+                        for c, size in enumerate(class_sizes)],
+        },
+        "top": top,
+        "split": split,
+        "windows": len(dataset),
+        "trs": [int(t) for t in store.splits[split]],
+        "n_units": model.n_units,
+        "voxels_in_parcels": int((labels > 0).sum()),
+        "lesions_per_pass": LESIONS_PER_PASS,
+        "checkpoint": str(checkpoint),
+        "out": str(out),
+    }
+    _write_outputs(out, report, labels, parcel_labels, change, q, grid, run, store_path or store.path, atlas, split, reports, progress)
+    return report
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.is_dir() or (not (out / "atlas.json").is_file() and any(out.iterdir())):
+        raise DataError(out, "exists and is not an atlas lesion report", expected="a new folder, or an atlas report to replace",
+                        fix="choose another --out")
+
+
+def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, run, store_path, atlas, split, reports, progress) -> None:
+    """Everything into a hidden folder beside ``out``, renamed at the end: a crash leaves no half-written report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.atlas-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        index = np.searchsorted(parcel_labels, labels)  # each voxel's parcel (valid where labels > 0)
+        inside = labels > 0
+        files: Dict[str, Dict[str, str]] = {}
+        for name in change:
+            carries = np.where(inside, change[name][index.clip(max=len(parcel_labels) - 1)], 0.0)
+            q_map = np.where(inside, np.nan_to_num(q[name][index.clip(max=len(parcel_labels) - 1)], nan=1.0), 1.0)
+            volume.save_volume(carries, grid, tmp / f"carries_{name}.nii.gz")
+            volume.save_volume(q_map, grid, tmp / f"q_{name}.nii.gz")
+            _plot_map(carries, q_map, grid[0], tmp / f"carries_{name}.png", name)
+            files[name] = {"carries": f"carries_{name}.nii.gz", "q": f"q_{name}.nii.gz", "png": f"carries_{name}.png"}
+        if reports:
+            for name, ranked in report["top"].items():
+                label = ranked[0]
+                roi = tmp / f".parcel-{label}.nii.gz"
+                volume.save_volume((labels == label).astype(np.uint8), grid, roi, dtype=np.uint8)
+                # The --roi report of the top parcel: frames, sound and texts, intact and lesioned (its p is atlas.json's).
+                lesion(run, roi, tmp / f"top_{name}", store_path, permutations=0, split=split, progress=False)
+                roi.unlink()
+                files[name]["top_report"] = f"top_{name}"
+        report["files"] = files
+        (tmp / "atlas.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            _check_replaceable(out)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plot_map(carries: np.ndarray, q_map: np.ndarray, mask: np.ndarray, path: Path, name: str) -> None:
+    """Axial slices of the relative change; parcels with q < 0.05 are outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values, q_values = volume.to_volume(carries, mask), volume.to_volume(q_map, mask)
+    z_slices = [int(z) for z in np.linspace(mask.shape[2] * 0.2, mask.shape[2] * 0.8, 5)]
+    limit = float(np.abs(carries).max()) or 1.0
+    figure, axes = plt.subplots(1, len(z_slices), figsize=(3 * len(z_slices), 3.4))
+    for axis, z in zip(axes, z_slices):
+        image = axis.imshow(np.where(mask[:, :, z], values[:, :, z], np.nan).T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
+        significant = (q_values[:, :, z] < 0.05) & mask[:, :, z]
+        if significant.any():
+            axis.contour(significant.T.astype(float), levels=[0.5], colors="k", linewidths=0.8)
+        axis.set_title(f"z = {z}")
+        axis.axis("off")
+    figure.colorbar(image, ax=axes, shrink=0.8, label=f"{name} loss, relative change when silenced")
+    figure.suptitle(f"what each parcel carries: {name} (outlined: q < 0.05)")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
