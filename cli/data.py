@@ -92,3 +92,30 @@ def bench(
 ) -> None:
     """Time reading random batches of windows from a store (warm page cache)."""
     run_data_bench(store, batch, repeats)
+
+
+@app.command()
+@fail_cleanly
+def atlas(
+    store: Path = typer.Argument(..., help="A store made by `giblet data prepare`."),
+    out: Path = typer.Argument(..., help="Label image to write (.nii.gz): one label per cube, 0 outside the mask."),
+    cube: int = typer.Option(..., "--cube", min=1, help="Cube edge in voxels: the grid is cut into cubes of N^3 voxels."),
+    force: bool = typer.Option(False, help="Overwrite OUT if it exists."),
+) -> None:
+    """Write a cube atlas of the store's mask (labels 1..K, in C order of the cubes) on the store's grid."""
+    import numpy as np
+
+    from giblet.data.parcels import cube_atlas
+    from giblet.data.store import open_store
+    from giblet.data.volume import save_volume
+    from giblet.errors import DataError
+
+    if out.exists() and not force:
+        raise DataError(out, "already exists", fix="pass --force to overwrite it, or choose another path")
+    mask, affine = open_store(store).mask()
+    labels = cube_atlas(mask, cube)[mask]
+    sizes = np.bincount(labels)[1:]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_volume(labels, (mask, affine), out, dtype=np.int32)
+    console.print(f"wrote {out}: {sizes.size} parcels of up to {cube}^3 voxels, median size {float(np.median(sizes)):g} voxels "
+                  f"({int(mask.sum())} mask voxels)")

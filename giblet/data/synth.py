@@ -6,7 +6,9 @@
       stimuli_Sherlock.m4v                      H.264 (yuv420p) + AAC (44.1 kHz stereo), 25 fps
       annotations.xlsx                          one row per text segment
       sherlock_nii/sherlock_movie_s{N}.nii.gz   4-D NIfTI per subject, 3 mm, TR in zooms[3]
-      _truth/                                   the ground truth (read by tests and evaluations only)
+      _truth/                                   the ground truth (read by tests and evaluations only);
+                                                _truth/regions.nii.gz labels each region (id + 1, 0 outside),
+                                                truth.json's "region_labels" maps each label to its kind
 
 The generative model
 --------------------
@@ -1038,8 +1040,20 @@ def _write_mask(path: Path, mask: np.ndarray, affine: np.ndarray) -> None:
     nib.save(image, str(path))
 
 
+def _write_labels(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
+    """An int32 label image with the same header as the masks."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(labels.astype(np.int32), affine)
+    image.set_data_dtype(np.int32)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header.set_qform(affine, code=4)
+    image.header.set_sform(affine, code=4)
+    nib.save(image, str(path))
+
+
 def _write_brain_truth(folder: Path, world: _World) -> None:
-    """signal.npy, features.npz, tuning.npz and the region masks."""
+    """signal.npy, features.npz, tuning.npz, the region masks and the regions' label image."""
     preset = world.preset
     np.save(folder / "signal.npy", world.signal)
     steps_per_tr = int(round(preset.tr_s / FINE_STEP_S))
@@ -1091,6 +1105,9 @@ def _write_brain_truth(folder: Path, world: _World) -> None:
         region_mask[world.mask] = kinds == kind
         _write_mask(folder / f"{name}.nii.gz", region_mask, world.affine)
     _write_mask(folder / "brain_mask.nii.gz", world.mask, world.affine)
+    regions = np.zeros(world.mask.shape, dtype=np.int32)
+    regions[world.mask] = world.region_of_voxel + 1  # label = region id + 1; 0 outside every region
+    _write_labels(folder / "regions.nii.gz", regions, world.affine)
     np.save(folder / "noise_ceiling.npy", world.noise_ceiling.astype(np.float32))
 
 
@@ -1155,6 +1172,7 @@ def _write_summary(folder: Path, world: _World, empirical: np.ndarray, spoken_se
         "affine": world.affine.tolist(),
         "n_mask_voxels": int(world.mask.sum()),
         "voxel_counts": counts,
+        "region_labels": {str(region + 1): kind for region, kind in enumerate(world.region_kinds)},
         "mean_noise_ceiling": ceilings,
         "mean_noise_ceiling_signal_voxels": round(float(world.noise_ceiling[signal_voxels].mean()), 4),
         "mean_noise_ceiling_empirical_signal_voxels": round(float(empirical[signal_voxels].mean()), 4),
