@@ -31,6 +31,7 @@ def demo(
     from giblet.config import load_config
     from giblet.data.store import open_store, prepare
     from giblet.data.synth import TRUTH_FOLDER, synthesize
+    from giblet.errors import DataError
     from giblet.eval.evaluate import evaluate
     from giblet.train.trainer import train, write_run_config
     from giblet_cli.evaluate import print_metrics
@@ -56,7 +57,12 @@ def demo(
     validate(data=data, config=config, quick=False)
     stage(3, "prepare the store")
     store_path = out / "store"
-    prepare(data, settings, store_path)
+    try:
+        prepare(data, settings, store_path)
+    except DataError:
+        if not fresh:
+            raise
+        prepare(data, settings, store_path, force=True)  # --fresh: the run starts over, so its old store may go
     store = open_store(store_path)
     console.print(f"store {escape(str(store_path))}: {store.n_voxels:,} voxels, {store.n_trs} TRs, splits {store.splits}")
     stage(4, f"train (CPU, up to {settings.train.epochs} epochs, early stopping)")

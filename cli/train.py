@@ -41,7 +41,7 @@ def train(
     prepare_only: bool = typer.Option(False, "--prepare-only", help="Prepare the store and write OUT/config.yaml, then stop."),
 ) -> None:
     """Train the model: one process here, or N per node under torchrun (DDP)."""
-    from giblet.config import load_config
+    from giblet.config import RESUMABLE, load_config, resume_differences
     from giblet.data.store import prepare
     from giblet.train.trainer import CONFIG_NAME, write_run_config
 
@@ -69,13 +69,14 @@ def train(
         prepare(data, settings, store)
         run_config = out / CONFIG_NAME
         if resume and run_config.is_file():
-            if load_config(run_config) != settings:
+            changed = resume_differences(load_config(run_config), settings)
+            if changed:
                 raise ConfigError(
-                    f"{run_config}: the run's settings differ from {config}; expected the settings the run started with "
-                    "(resume without --config to use them)"
+                    f"{run_config}: the run's settings differ from {config} in {', '.join(changed)}; expected the settings "
+                    f"the run started with (resume without --config to use them; only {', '.join(RESUMABLE)} may change)"
                 )
-        else:
-            write_run_config(settings, out)
+        # Written on a resume too: a longer epoch cap (--epochs) is then the run's own.
+        write_run_config(settings, out)
     else:
         _wait_for_store(store)
     if prepare_only:

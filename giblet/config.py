@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -19,6 +20,10 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from giblet.errors import ConfigError
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that loads but is probably not what was meant."""
 
 
 @dataclass
@@ -324,6 +329,28 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: fmri.min_subject_fraction is {config.fmri.min_subject_fraction}; expected (0, 1]")
 
 
+# Settings a resumed run may change: the epoch cap, early stopping's patience and how often it logs and saves.
+RESUMABLE = ("train.epochs", "train.patience", "train.log_every_steps", "train.checkpoint_every_steps")
+
+
+def differences(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:
+    """The dotted keys whose values differ between two nested settings dicts (a key only one has counts)."""
+    out: List[str] = []
+    for key in sorted(set(a) | set(b), key=str):
+        where = f"{prefix}{key}"
+        left, right = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(left, dict) and isinstance(right, dict):
+            out += differences(left, right, where + ".")
+        elif left != right:
+            out.append(where)
+    return out
+
+
+def resume_differences(run: Config, now: Config) -> List[str]:
+    """What differs between a run's settings and these, other than the settings a resume may change (``RESUMABLE``)."""
+    return [key for key in differences(run.to_dict(), now.to_dict()) if key not in RESUMABLE]
+
+
 def from_dict(values: Optional[Dict[str, Any]], source: str = "config") -> Config:
     config = _build(Config, values or {}, "", source)
     _check_values(config, source)
@@ -341,6 +368,9 @@ def load_config(path: Union[str, Path, None]) -> Config:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if values is None:
+        # An empty file is most often a mistake (a wrong path, an unsaved editor): say that the defaults are used.
+        warnings.warn(f"{path}: the file is empty; every setting is its default", ConfigWarning, stacklevel=2)
     return from_dict(values, str(path))
 
 

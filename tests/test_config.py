@@ -2,7 +2,8 @@
 
 import pytest
 
-from giblet.config import STORE_SECTIONS, Config, dump_config, from_dict, load_config
+from giblet.config import (STORE_SECTIONS, Config, ConfigWarning, dump_config, from_dict, load_config,
+                           resume_differences)
 from giblet.errors import ConfigError
 
 
@@ -107,3 +108,18 @@ def test_the_documented_defaults_are_the_defaults():
         assert set(written[section]) == set(values), section
     for example in sorted(documented.parent.glob("*.yaml")):
         load_config(example)
+
+
+def test_an_empty_file_warns_that_every_setting_is_its_default(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    with pytest.warns(ConfigWarning, match=f"{empty}: the file is empty"):
+        assert load_config(empty) == load_config(None)
+
+
+def test_a_resume_may_change_the_epoch_cap_and_logging_but_names_any_other_difference():
+    run = Config()
+    longer = from_dict({"train": {"epochs": 60, "log_every_steps": 1, "patience": 20}})
+    assert resume_differences(run, longer) == []
+    other = from_dict({"train": {"epochs": 60, "lr": 0.01}, "model": {"hidden": [64, 64]}})
+    assert resume_differences(run, other) == ["model.hidden", "train.lr"]

@@ -264,7 +264,36 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"format": 1, "model": Exploit()}))
-    with pytest.raises(giblet.errors.DataError, match="could not load the checkpoint"):
+    with pytest.raises(giblet.errors.DataError, match="is damaged or not a giblet checkpoint"):
+        giblet.load(path)
+
+
+def test_a_damaged_checkpoint_is_said_to_be_damaged_and_names_the_intact_one(tiny_store, tmp_path):
+    model = build(tiny_store).eval()
+    save_checkpoint(model, tmp_path / "checkpoints" / "last.pt")
+    best = tmp_path / "checkpoints" / "best.pt"
+    best.write_bytes((tmp_path / "checkpoints" / "last.pt").read_bytes()[:5000])  # cut short, as by a full disk
+    with pytest.raises(giblet.errors.DataError) as error:
+        giblet.load(tmp_path)  # the best checkpoint is the one a run folder loads
+    message = str(error.value)
+    assert message.startswith(f"{best}: is damaged") and f"use {tmp_path / 'checkpoints' / 'last.pt'}" in message
+    assert "weights_only=False" not in message  # torch's advice would run whatever the file holds
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(giblet.errors.DataError, match="never load it with weights_only=False"):
+        giblet.load(best)
+
+
+def test_a_checkpoint_with_the_merged_l1_widths_loads_when_they_equal_slot_features(tiny_store, tmp_path):
+    model = build(tiny_store).eval()
+    path = save_checkpoint(model, tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    slot = payload["architecture"]["model"]["slot_features"]
+    payload["architecture"]["model"].update(code_features=slot, mel_features=slot, segment_features=slot, modality_dropout=0.2)
+    torch.save(payload, path)
+    assert giblet.load(path).n_units == model.n_units
+    payload["architecture"]["model"]["mel_features"] = slot * 2
+    torch.save(payload, path)
+    with pytest.raises(giblet.errors.DataError, match="model.mel_features is now model.slot_features"):
         giblet.load(path)
 
 

@@ -233,3 +233,17 @@ def test_encodec_codes_with_a_batch_axis(tiny_data, tiny_config, tmp_path, monke
     monkeypatch.setattr(audio, "encode_codes", lambda *a, **k: real(*a, **k)[None])
     message = _refused(tiny_data, tiny_config, tmp_path, "(n_codebooks, n_frames)")
     assert "EnCodec codes" in message
+
+
+def test_a_store_of_other_settings_is_never_replaced_silently(tiny_data, tiny_config, tiny_store, tmp_path):
+    # A run depends on its store: preparing other settings into the same folder is refused, naming what differs.
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store.path, out)
+    values = tiny_config.to_dict()
+    values["window"]["lookback_s"] = values["window"]["lookback_s"] + 1.5
+    with pytest.raises(DataError) as error:
+        prepare(tiny_data, from_dict(values), out, progress=False)
+    message = str(error.value)
+    assert message.startswith(str(out)) and "window.lookback_s" in message and "--force" in message
+    assert open_store(out).key == tiny_store.key  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

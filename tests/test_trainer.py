@@ -185,7 +185,20 @@ def test_resume_refuses_another_store_or_other_settings(tiny_data, tiny_store, r
     other = tmp_path / "other.yaml"
     other.write_text(changed)
     done = _train(tiny_data, tiny_store, out, other, "--resume")
-    assert done.returncode != 0 and "settings differ" in done.stderr
+    assert done.returncode != 0 and "settings differ" in done.stderr and "train.lr" in done.stderr
+
+
+def test_a_finished_run_extends_with_resume_and_a_higher_epoch_cap_and_remembers_its_store(tiny_data, tiny_store, run_config, tmp_path):
+    out = tmp_path / "run"
+    assert _train(tiny_data, tiny_store, out, run_config).returncode == 0
+    done = _train(tiny_data, tiny_store, out, out / "config.yaml", "--resume", "--epochs", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 3
+    assert load_config(out / "config.yaml").train.epochs == 3  # the run's own settings now
+    # Trained with --store elsewhere: evaluate finds that store from the run folder alone.
+    result = runner.invoke(app, ["evaluate", str(out), "--baseline", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "store.json").read_text())["key"] == tiny_store.key
 
 
 def test_resume_without_a_checkpoint_is_refused_before_anything_is_written(tiny_data, tiny_store, run_config, tmp_path):

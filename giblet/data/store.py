@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from giblet.version import __version__
-from giblet.config import STORE_SECTIONS, Config
+from giblet.config import STORE_SECTIONS, Config, differences
 from giblet.data import alignment as alignment_mod
 from giblet.data.splits import split_blocks
 from giblet.errors import DataError
@@ -514,6 +514,14 @@ def prepare(
     if existing is not None and existing.key == key and not force:
         log.info("reusing store %s (key %s)", out, key)
         return existing
+    if existing is not None and not force:
+        # A run trained on that store could no longer be resumed or evaluated: never replace it silently.
+        changed = differences(existing.manifest.get("settings", {}), config.section(*STORE_SECTIONS))
+        what = f"settings {', '.join(changed)}" if changed else "input files"
+        raise DataError(out, f"holds the store of other {what} (key {existing.key}; these give {key})",
+                        expected="a new store folder for new settings or data (stores sit side by side)",
+                        fix="give --store another folder, or rebuild this one with `giblet data prepare --force` "
+                            "(runs trained on it can then no longer be resumed or evaluated)")
 
     align = layout["alignment"]
     for note in align.notes:
@@ -579,6 +587,29 @@ def _install(tmp: Path, out: Path) -> None:
         if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise DataError(out, "exists and is not a giblet store", expected="a new folder, or a store to replace")
     replace_folder(tmp, out)
+
+
+RUN_STORE = "store.json"  # in a run folder: where its store is, when it is not RUN/store
+
+
+def record_run_store(run: Path, store: "Store") -> None:
+    """Remember in ``RUN/store.json`` the store a run trains on (path and key), so evaluate and lesion find it."""
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / f".{RUN_STORE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"path": str(Path(store.path).resolve()), "key": store.key}, indent=2))
+    os.replace(tmp, run / RUN_STORE)
+
+
+def run_store_path(run: Path) -> Path:
+    """The store of a run folder: ``RUN/store`` if it holds one, else the one ``RUN/store.json`` names."""
+    run = Path(run)
+    if (run / "store" / MANIFEST).is_file() or not (run / RUN_STORE).is_file():
+        return run / "store"
+    recorded = Path(json.loads((run / RUN_STORE).read_text())["path"])
+    if not (recorded / MANIFEST).is_file():
+        raise DataError(run / RUN_STORE, f"names the run's store {recorded}, which holds no store now",
+                        expected="the store the run was trained on", fix="pass --store with its new place")
+    return recorded
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from giblet.config import load_config
 from giblet.data.dataset import WindowDataset, window_index
-from giblet.data.store import Store, open_store
+from giblet.data.store import Store, open_store, run_store_path
 from giblet.eval.metrics import noise_ceiling, pearson_r
 from giblet.linear import FirRidge, HrfRidge, banded_ridge, fit_splits, regressor_parts
 from giblet.models import Stimuli
@@ -154,7 +154,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
 
     run = Path(run)
     checkpoint = find_checkpoint(run)
-    store = open_store(store_path or run / "store")
+    store = open_store(store_path or run_store_path(run))
     expected = read_checkpoint(checkpoint).get("store_key")
     if expected and expected != store.key:
         from giblet.errors import DataError

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from giblet.data import volume
 from giblet.data.parcels import random_contiguous_parcels
 from giblet.data.dataset import WindowDataset, window_index
-from giblet.data.store import Store, open_store, replace_folder
+from giblet.data.store import Store, open_store, replace_folder, run_store_path
 from giblet.errors import DataError
 from giblet.models import Stimuli
 from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
@@ -70,7 +70,7 @@ def open_run(run: PathLike, store_path: Optional[PathLike] = None) -> Tuple[Path
     last) checkpoint and the store it was trained on (default ``RUN/store``; another store is refused by its key)."""
     run = Path(run)
     checkpoint = find_checkpoint(run)
-    store = open_store(store_path or _run_folder(run, checkpoint) / "store")
+    store = open_store(store_path or run_store_path(_run_folder(run, checkpoint)))
     expected = read_checkpoint(checkpoint).get("store_key")
     if expected and expected != store.key:
         raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")

@@ -64,14 +64,26 @@ def find_checkpoint(run: Union[str, Path]) -> Path:
     raise DataError(run, "no checkpoint found", expected=f"a .pt file, or a run folder with checkpoints/{' or '.join(CHECKPOINT_NAMES)}")
 
 
+def _loads(path: Path) -> bool:
+    try:
+        return path.is_file() and isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+    except Exception:
+        return False
+
+
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """The checkpoint's dict, loaded to the CPU with ``weights_only=True``."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refuses anything but tensors and plain values
-        raise DataError(path, f"could not load the checkpoint ({type(error).__name__}: {error})",
-                        expected="a checkpoint written by giblet") from None
+        # torch's own text advises weights_only=False: wrong for a damaged file, unsafe for a hostile one. Keep its first line.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        intact = [other.name for other in (path.with_name(n) for n in CHECKPOINT_NAMES) if other != path and _loads(other)]
+        raise DataError(path, f"is damaged or not a giblet checkpoint ({type(error).__name__}: {reason[:200]})",
+                        expected="a checkpoint written by giblet (read without running any code it holds)",
+                        fix=f"use {path.with_name(intact[0])}, which loads" if intact else
+                            "retrain, or restore the file from a copy; never load it with weights_only=False") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise DataError(path, f"checkpoint format {payload.get('format') if isinstance(payload, dict) else '?'}",
                         expected=f"format {FORMAT_VERSION}")
@@ -79,15 +91,23 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
-# Model settings that older checkpoints carry and the model no longer has: model.parcels (checked to be unset) and
-# model.decoder_gradient_to_brain (training only: the decoder now always reads layer 7 detached).
-REMOVED_SETTINGS = ("parcels", "decoder_gradient_to_brain")
+# Model settings that older checkpoints carry and the model no longer has: model.parcels (checked to be unset),
+# model.decoder_gradient_to_brain and model.modality_dropout (training only: neither changes the weights' shapes).
+REMOVED_SETTINGS = ("parcels", "decoder_gradient_to_brain", "modality_dropout")
+# L1 widths that are now model.slot_features: a checkpoint loads when each equals it (as every shipped file had).
+MERGED_INTO_SLOT_FEATURES = ("code_features", "mel_features", "segment_features")
 
 
-def _model_settings(saved: Dict[str, Any]) -> Dict[str, Any]:
+def _model_settings(saved: Dict[str, Any], path: Path) -> Dict[str, Any]:
     """The saved model settings, less the removed ones that ``ModelConfig`` no longer takes."""
     fields = {field.name for field in dataclasses.fields(ModelConfig)}
-    return {key: value for key, value in saved.items() if key in fields or key not in REMOVED_SETTINGS}
+    slot = saved.get("slot_features", ModelConfig.slot_features)
+    for key in MERGED_INTO_SLOT_FEATURES:
+        if key in saved and saved[key] != slot:
+            raise DataError(path, f"a model with model.{key} {saved[key]} and model.slot_features {slot}",
+                            expected=f"one width for both (model.{key} is now model.slot_features)", fix="retrain with this version")
+    dropped = REMOVED_SETTINGS + MERGED_INTO_SLOT_FEATURES
+    return {key: value for key, value in saved.items() if key in fields or key not in dropped}
 
 
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
@@ -100,7 +120,7 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     if "parcel_of_voxel" in state or (arch["model"].get("parcels") or None) is not None:
         raise DataError(path, "checkpoint of a parcel model (one layer-7 unit per parcel)",
                         expected="a model with one layer-7 unit per voxel: parcel models are no longer supported")
-    config = ModelConfig(**_model_settings(arch["model"]))
+    config = ModelConfig(**_model_settings(arch["model"], path))
     model = GibletAutoencoder(dims, config)
     # The grid buffers are sized by the store's mask; make room before loading them.
     model.grid_mask = torch.empty_like(state["grid_mask"])

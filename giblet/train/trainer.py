@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from giblet.config import Config, TrainConfig, dump_config, load_config
+from giblet.config import Config, TrainConfig, dump_config, from_dict, load_config, resume_differences
 from giblet.data.dataset import ShardSampler, WindowDataset, window_index
-from giblet.data.store import Store, open_store
+from giblet.data.store import Store, open_store, record_run_store
 from giblet.errors import DataError
 from giblet.linear import linear_prior, regressor_parts
 from giblet.models import GibletAutoencoder, Stimuli, dims_from_manifest
@@ -298,9 +298,10 @@ class Checkpointer:
         if state["store_key"] != self.store.key:
             raise DataError(path, f"was trained on store {state['store_key']}", expected=f"this store, {self.store.key}",
                             fix="resume with the data and settings of that run, or start a new run folder")
-        if state["config"] != self.config.to_dict():
-            raise DataError(path, "the run's settings differ from this config", expected="the config the run was started with",
-                            fix=f"use {self.folder.parent / CONFIG_NAME}")
+        changed = resume_differences(from_dict(state["config"], str(path)), self.config)
+        if changed:
+            raise DataError(path, f"the run's settings differ from this config in {', '.join(changed)}",
+                            expected="the config the run was started with", fix=f"use {self.folder.parent / CONFIG_NAME}")
         parts = self.parts
         parts.model.load_state_dict(state.get("raw_model", state["model"]))
         if parts.ema is not None:
@@ -358,6 +359,8 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
     checkpoints = Checkpointer(out / "checkpoints", parts, config, store, procs)
     at = checkpoints.resume() if resume else Position()
     log = MetricsLog(out, procs.master)
+    if procs.master:
+        record_run_store(out, store)
     result: Dict[str, float] = {}
     started, samples_seen, unlogged = time.perf_counter(), 0, 0
     # Loss sums stay on the device and are read once per logging interval: the host never waits on a step.
