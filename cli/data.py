@@ -94,12 +94,17 @@ def bench(
     run_data_bench(store, batch, repeats)
 
 
-@app.command()
+atlas_app = typer.Typer(help="Label images of a store's grid, for `giblet lesion --atlas` (any integer label image works too).",
+                        no_args_is_help=True)
+app.add_typer(atlas_app, name="atlas")
+
+
+@atlas_app.command("cubes")
 @fail_cleanly
-def atlas(
+def atlas_cubes(
     store: Path = typer.Argument(..., help="A store made by `giblet data prepare`."),
-    out: Path = typer.Argument(..., help="Label image to write (.nii.gz): one label per cube, 0 outside the mask."),
-    cube: int = typer.Option(..., "--cube", min=1, help="Cube edge in voxels: the grid is cut into cubes of N^3 voxels."),
+    out: Path = typer.Option(..., "--out", help="Label image to write (.nii.gz): one label per cube, 0 outside the mask."),
+    size: int = typer.Option(5, "--size", min=1, help="Cube edge in voxels: the grid is cut into cubes of N^3 voxels."),
     force: bool = typer.Option(False, help="Overwrite OUT if it exists."),
 ) -> None:
     """Write a cube atlas of the store's mask (labels 1..K, in C order of the cubes) on the store's grid."""
@@ -113,9 +118,9 @@ def atlas(
     if out.exists() and not force:
         raise DataError(out, "already exists", fix="pass --force to overwrite it, or choose another path")
     mask, affine = open_store(store).mask()
-    labels = cube_atlas(mask, cube)[mask]
+    labels = cube_atlas(mask, size)[mask]
     sizes = np.bincount(labels)[1:]
     out.parent.mkdir(parents=True, exist_ok=True)
     save_volume(labels, (mask, affine), out, dtype=np.int32)
-    console.print(f"wrote {out}: {sizes.size} parcels of up to {cube}^3 voxels, median size {float(np.median(sizes)):g} voxels "
+    console.print(f"wrote {out}: {sizes.size} parcels of up to {size}^3 voxels, median size {float(np.median(sizes)):g} voxels "
                   f"({int(mask.sum())} mask voxels)")

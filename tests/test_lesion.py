@@ -458,7 +458,10 @@ def test_the_atlas_map_finds_the_region_each_modality_is_read_from(atlas_report,
     _, output, report = atlas_report
     labels = truth_atlas[1]
     by_label = {parcel["label"]: parcel for parcel in report["parcels"]}
-    assert sorted(by_label) == sorted(set(labels.tolist()) - {0}) and by_label[1]["voxels"] == int((labels == 1).sum())
+    counts = np.bincount(labels)
+    mapped = [label for label in range(1, counts.size) if counts[label] >= 5]  # smaller edge cubes are left out
+    assert sorted(by_label) == mapped and by_label[1]["voxels"] == int(counts[1])
+    assert sorted(report["left_out_parcels"]) == [label for label in range(1, counts.size) if 0 < counts[label] < 5]
     # The wired decoder reads the audio from region 1 and the video from region 2: each tops its modality's ranking,
     # with the smallest p a null of that many random parcels allows, and the smallest q of its modality.
     for name, label in (("audio", 1), ("video", 2)):
@@ -505,10 +508,12 @@ def test_the_atlas_maps_hold_each_parcels_change_and_q_and_the_top_parcels_have_
         carries = np.asarray(nib.load(str(out / f"carries_{name}.nii.gz")).dataobj)
         q_map = np.asarray(nib.load(str(out / f"q_{name}.nii.gz")).dataobj)
         assert carries.shape == mask.shape and np.all(carries[~mask] == 0)
-        for label in (1, 2, 3):
+        for label in (1, 2, min(label for label in by_label if label > 2)):
             inside = labels == label
             np.testing.assert_allclose(carries[mask][inside], by_label[label]["modalities"][name]["relative_change"], rtol=1e-6)
             np.testing.assert_allclose(q_map[mask][inside], by_label[label]["modalities"][name]["q_value"], rtol=1e-6)
+        left_out = np.isin(labels, report["left_out_parcels"])
+        assert np.all(carries[mask][left_out] == 0) and np.all(q_map[mask][left_out] == 1)  # as outside the atlas
         assert (out / f"carries_{name}.png").stat().st_size > 1000
     top_audio = json.loads((out / "top_audio" / "lesion.json").read_text())
     assert top_audio["roi_voxels"] == by_label[1]["voxels"] and (out / "top_audio" / "audio_lesioned.wav").is_file()
@@ -519,3 +524,14 @@ def test_the_atlas_maps_hold_each_parcels_change_and_q_and_the_top_parcels_have_
 def test_lesion_takes_an_roi_or_an_atlas(untrained_run, tiny_store, tmp_path):
     result = runner.invoke(app, ["lesion", str(untrained_run), "--store", str(tiny_store.path)])
     assert result.exit_code != 0 and "--roi" in result.output and "--atlas" in result.output
+
+
+def test_an_atlas_with_no_parcel_in_the_mask_is_refused_naming_it_and_nothing_is_written(untrained_run, tiny_store, tmp_path):
+    mask, affine = tiny_store.mask()
+    empty = tmp_path / "empty_atlas.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(mask, 0, 7).astype(np.int32), affine), str(empty))  # labels outside the brain only
+    out = tmp_path / "map"
+    result = runner.invoke(app, ["lesion", str(untrained_run), "--atlas", str(empty), "--store", str(tiny_store.path), "--out", str(out)])
+    text = result.output.replace("\n", "")
+    assert result.exit_code != 0 and "empty_atlas.nii.gz" in text and "no voxel inside" in text
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -214,7 +214,7 @@ def test_synth_writes_the_regions_label_image(tiny_data):
 
 def test_data_atlas_writes_the_cube_atlas_on_the_stores_grid(tiny_store, tmp_path):
     out = tmp_path / "atlas" / "cubes.nii.gz"
-    result = runner.invoke(app, ["data", "atlas", str(tiny_store.path), str(out), "--cube", "4"])
+    result = runner.invoke(app, ["data", "atlas", "cubes", str(tiny_store.path), "--size", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     mask, affine = tiny_store.mask()
     expected = cube_atlas(mask, 4)
@@ -225,9 +225,9 @@ def test_data_atlas_writes_the_cube_atlas_on_the_stores_grid(tiny_store, tmp_pat
     assert f"{sizes.size} parcels" in result.output and f"median size {float(np.median(sizes)):g} voxels" in result.output
 
     written = out.read_bytes()
-    refused = runner.invoke(app, ["data", "atlas", str(tiny_store.path), str(out), "--cube", "2"])
+    refused = runner.invoke(app, ["data", "atlas", "cubes", str(tiny_store.path), "--size", "2", "--out", str(out)])
     assert refused.exit_code == 2 and "already exists" in refused.output and "--force" in refused.output
     assert out.read_bytes() == written
-    forced = runner.invoke(app, ["data", "atlas", str(tiny_store.path), str(out), "--cube", "2", "--force"])
+    forced = runner.invoke(app, ["data", "atlas", "cubes", str(tiny_store.path), "--size", "2", "--out", str(out), "--force"])
     assert forced.exit_code == 0, forced.output
     assert np.array_equal(np.asanyarray(nib.load(str(out)).dataobj), cube_atlas(mask, 2))

@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -43,8 +44,13 @@ from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
 
+MIN_PARCEL_VOXELS = 5  # a smaller parcel is left out (with a warning): too few units for a lesion or a null worth the name
 SIZE_RATIO = 1.25  # parcels whose sizes differ by at most this factor share one null
 TOP = 10  # parcels listed per modality in atlas.json's "top"
+
+
+class AtlasWarning(UserWarning):
+    """Part of an atlas that cannot be mapped (e.g. parcels too small) and is left out."""
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
@@ -73,9 +79,20 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         raise DataError(store.path, f"no split {split!r}", expected=f"one of {', '.join(store.splits)}")
     grid = store.mask()
     labels = volume.load_labels(atlas, grid, kind="atlas")  # (V,) int, 0 = in no parcel
-    parcel_labels = np.unique(labels[labels > 0])
+    found, counts = np.unique(labels[labels > 0], return_counts=True)
+    if found.size == 0:
+        raise DataError(atlas, "no parcel (label > 0) inside the store's mask", expected="a label image of the store's brain",
+                        fix="check that the image is an atlas of this store's space (giblet data atlas cubes STORE makes one)")
+    small = found[counts < MIN_PARCEL_VOXELS]
+    if small.size:
+        warnings.warn(f"{atlas}: {small.size} parcel(s) with fewer than {MIN_PARCEL_VOXELS} voxels inside the mask left out "
+                      f"(labels {', '.join(map(str, small[:10].tolist()))}{' ...' if small.size > 10 else ''}): merge them into "
+                      "a neighbour or use a coarser atlas to map them", AtlasWarning, stacklevel=2)
+        labels = np.where(np.isin(labels, small), 0, labels)
+    parcel_labels = found[counts >= MIN_PARCEL_VOXELS]
     if parcel_labels.size == 0:
-        raise DataError(atlas, "no parcel (label > 0) inside the store's mask", expected="a label image of the store's brain")
+        raise DataError(atlas, f"every parcel has fewer than {MIN_PARCEL_VOXELS} voxels inside the store's mask",
+                        expected=f"parcels of at least {MIN_PARCEL_VOXELS} voxels", fix="use a coarser atlas (e.g. larger cubes)")
     out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / f"atlas-{roi_name(atlas)}"
     if out.exists():
         _check_replaceable(out)
@@ -139,6 +156,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         "trs": [int(t) for t in store.splits[split]],
         "n_units": model.n_units,
         "voxels_in_parcels": int((labels > 0).sum()),
+        "left_out_parcels": [int(label) for label in small],
         "lesions_per_pass": LESIONS_PER_PASS,
         "checkpoint": str(checkpoint),
         "out": str(out),
