@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -247,3 +248,22 @@ def test_a_store_of_other_settings_is_never_replaced_silently(tiny_data, tiny_co
     assert message.startswith(str(out)) and "window.lookback_s" in message and "--force" in message
     assert open_store(out).key == tiny_store.key  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_one_does_not_clean(tiny_data, tiny_config, tiny_store, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store.path, out)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".store.tmp-{socket.gethostname()}-{int(ended.stdout)}"  # a prepare that was SIGKILLed
+    (dead / "frames.npy").parent.mkdir()
+    (dead / "frames.npy").write_bytes(b"0" * 1000)
+    alive = tmp_path / f".store.tmp-{socket.gethostname()}-{os.getpid()}"  # one still running (this process)
+    alive.mkdir()
+    elsewhere = tmp_path / ".store.tmp-another-host-1"  # another node's: its processes are not ours to judge
+    elsewhere.mkdir()
+    assert prepare(tiny_data, tiny_config, out, progress=False).key == tiny_store.key  # reused, and cleaned
+    assert not dead.exists() and alive.exists() and elsewhere.exists()

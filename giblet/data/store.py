@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -489,6 +490,32 @@ def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
     return {"sources": sources, "movie": movie, "fmri_infos": infos, "alignment": align, "blocks": blocks, "gap_trs": gap_trs}
 
 
+def remove_dead_temporaries(out: Path) -> List[Path]:
+    """Remove the half-written stores (``.<out>.tmp-<host>-<pid>``) of processes of this host that are gone (e.g. a
+    killed ``prepare``): each can be as large as the store. Another host's, or a live process's, stay."""
+    removed = []
+    host = socket.gethostname()
+    prefix = f".{Path(out).name}.tmp-"
+    for tmp in Path(out).parent.glob(f"{prefix}*"):
+        name_host, _, pid = tmp.name[len(prefix):].rpartition("-")  # host names may hold dashes; the pid is last
+        if name_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, left by process %s that ended before finishing the store", tmp, pid)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
 def prepare(
     data_dir: Union[str, Path],
     config: Config,
@@ -498,6 +525,7 @@ def prepare(
 ) -> Store:
     """Prepare (or reuse) the store of ``data_dir`` under ``config`` at ``out``."""
     out = Path(out)
+    remove_dead_temporaries(out)
     layout = plan(data_dir, config)
     sources = layout["sources"]
     known = None
@@ -527,7 +555,7 @@ def prepare(
     for note in align.notes:
         log.warning("%s", note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
