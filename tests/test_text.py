@@ -64,8 +64,10 @@ def test_segments_are_sorted_by_start_and_keep_overlaps_and_gaps(annotation_file
     assert annotations.texts == ["A war memory", "John wakes up", "Molly brings a riding crop", "John walks to the flat"]
 
 
-def test_rows_without_time_or_text_are_counted_and_blank_rows_ignored(annotation_file):
-    assert text.read_annotations(annotation_file).n_skipped == 2
+def test_rows_without_time_or_text_are_counted_named_and_blank_rows_ignored(annotation_file):
+    annotations = text.read_annotations(annotation_file)
+    assert annotations.n_skipped == 2
+    assert annotations.skipped_rows == ((5, "no text"), (7, "no start or end time"))  # the header is row 1
 
 
 def test_text_columns_are_joined_and_headers_match_ignoring_case(tmp_path):

@@ -62,3 +62,19 @@ def test_model_command_sizes_the_model_of_a_store(tiny_store):
     assert result.exit_code == 0, result.output
     assert f"1x{tiny_store.n_voxels}" in result.output
     assert "activation memory per training sample" in result.output and "parameters:" in result.output
+
+
+def test_an_empty_annotation_cell_is_a_warning_that_names_its_row(tiny_data, tmp_path):
+    import openpyxl
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("_truth"))
+    workbook = openpyxl.load_workbook(data / "annotations.xlsx")
+    sheet = workbook.active
+    header = [str(cell.value).strip() for cell in sheet[1]]
+    sheet.cell(row=4, column=header.index("Scene Details - A Level") + 1).value = None  # the third segment loses its text
+    workbook.save(data / "annotations.xlsx")
+    result = runner.invoke(app, ["validate", "--data", str(data), "--quick"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 0, result.output  # a warning, not a failure
+    assert "annotations.xlsx rows 4 (no text)" in text and "warn" in text

@@ -95,9 +95,13 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
         t = config.text
         segments = text.read_annotations(sources.annotations, t.start_column, t.end_column, tuple(t.text_columns), t.sheet)
         detail = f"{len(segments.texts)} segments, {segments.starts.min():.1f}-{segments.ends.max():.1f} s" if len(segments.texts) else "0 segments"
-        if segments.n_skipped:
-            detail += f", {segments.n_skipped} empty rows skipped"
         status = PASS if len(segments.texts) else FAIL
+        if segments.n_skipped:
+            # A segment lost to an empty cell is a gap in the text stream: say which rows, so they can be filled.
+            rows = ", ".join(f"{row} ({why})" for row, why in segments.skipped_rows[:8])
+            more = f" and {segments.n_skipped - 8} more" if segments.n_skipped > 8 else ""
+            detail += f"; {segments.n_skipped} rows skipped: {sources.annotations.name} rows {rows}{more}"
+            status = WARN if status == PASS else status
         if movie is not None and len(segments.texts) and segments.starts.min() >= movie.duration_s:
             status, detail = FAIL, detail + f": every segment starts after the movie ends ({movie.duration_s:.1f} s)"
         report.add("annotations", status, detail)

@@ -14,7 +14,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class Annotations:
     ends: np.ndarray
     texts: List[str]
     n_skipped: int
+    # (file row, why) of each skipped row: the header is row 1, as a spreadsheet numbers it
+    skipped_rows: Tuple[Tuple[int, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -164,6 +166,7 @@ def read_annotations(
     ends: List[float] = []
     texts: List[str] = []
     n_skipped = 0
+    skipped_rows: List[Tuple[int, str]] = []
     for row_number, cells in enumerate(table[1:], start=2):
         if all(_is_blank(cell) for cell in cells):
             continue
@@ -175,6 +178,7 @@ def read_annotations(
         parts = [str(cell(index)).strip() for index in text_indices if not _is_blank(cell(index))]
         if _is_blank(start_value) or _is_blank(end_value) or not parts:
             n_skipped += 1
+            skipped_rows.append((row_number, "no text" if not parts else "no start or end time"))
             continue
         start = _seconds(path, row_number, start_column, start_value)
         end = _seconds(path, row_number, end_column, end_value)
@@ -196,6 +200,7 @@ def read_annotations(
         ends=np.asarray(ends, dtype=np.float64)[order],
         texts=[texts[i] for i in order],
         n_skipped=n_skipped,
+        skipped_rows=tuple(skipped_rows),
     )
 
 
