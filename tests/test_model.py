@@ -255,6 +255,33 @@ def test_a_full_disk_while_saving_names_the_file_and_leaves_the_previous_checkpo
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
 
 
+def test_a_full_disk_message_counts_the_optimizer_state_and_offers_resume_only_when_a_checkpoint_exists(tiny_store, tmp_path, monkeypatch):
+    import re
+
+    model = build(tiny_store)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(a_batch(tiny_store))["brain"].sum().backward()
+    optimizer.step()  # two moments per parameter: the file holds those as well as the weights and buffers
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    moments = sum(t.numel() * t.element_size() for state in optimizer.state_dict()["state"].values()
+                  for t in state.values() if t.dim() > 0) / 2**20  # the encoder's: only it has gradients here
+    assert moments > 0.5 * weights
+
+    def full_disk(payload, target):
+        with open(target, "wb") as stream:
+            stream.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(giblet.errors.DataError) as error:
+        save_checkpoint(model, path, optimizer=optimizer.state_dict())
+    message = str(error.value)
+    need = float(re.search(r"room for about ([\d,.]+) MiB", message).group(1).replace(",", ""))
+    assert need == pytest.approx(weights + moments, abs=1.0), (need, weights, moments)  # the message rounds to MiB
+    assert "--resume" not in message and "no checkpoint of this run" in message  # nothing to resume from yet
+
+
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     import pickle
 

@@ -39,17 +39,32 @@ def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], **extra: A
         torch.save(payload, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError from its writer
-        need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        if tmp.exists():
+            tmp.unlink()  # before measuring: the partial file is not the disk's to count
+        need = _tensor_bytes(payload) / 2**20  # weights, optimizer state, averages: everything the file holds
         free = shutil.disk_usage(path.parent).free / 2**20
+        previous = path.is_file()
         raise DataError(
             path, f"could not be written ({str(error).splitlines()[0]}); {free:,.0f} MiB free on its disk",
-            expected=f"room for about {need:,.0f} MiB of weights (more with the optimizer state)",
-            fix="free disk space or write the run elsewhere, then continue with --resume: the checkpoint there before is intact",
+            expected=f"room for about {need:,.0f} MiB (the weights and the optimizer state)",
+            fix="free disk space or write the run elsewhere, then continue with --resume: the checkpoint there before is intact"
+            if previous else "free disk space or write the run elsewhere, then train again: no checkpoint of this run was written yet",
         ) from error
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of every tensor inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def find_checkpoint(run: Union[str, Path]) -> Path:
