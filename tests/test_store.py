@@ -267,3 +267,16 @@ def test_a_killed_prepare_leaves_nothing_the_next_one_does_not_clean(tiny_data, 
     elsewhere.mkdir()
     assert prepare(tiny_data, tiny_config, out, progress=False).key == tiny_store.key  # reused, and cleaned
     assert not dead.exists() and alive.exists() and elsewhere.exists()
+
+
+@pytest.mark.parametrize("name", ["fmri.bin", "text_embeddings.npy"])
+def test_a_truncated_store_file_is_named_when_the_store_is_opened(tiny_store, tmp_path, name):
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store.path, copy)
+    file = copy / name
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as error:
+        open_store(copy)
+    message = str(error.value)
+    assert message.startswith(str(file)) and f"{len(data) // 2:,} bytes" in message and "--force" in message

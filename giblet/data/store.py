@@ -245,7 +245,36 @@ def open_store(path: Union[str, Path]) -> Store:
             expected=f"version {SCHEMA_VERSION}",
             fix="prepare the store again with this version of giblet",
         )
+    _check_array_files(path, manifest)
     return Store(path, manifest)
+
+
+def _array_entries(manifest: Dict[str, Any]):
+    """(file name, dtype, shape) of every array a manifest lists."""
+    entries = [manifest.get("video"), manifest.get("text"), manifest.get("fmri")]
+    entries += [manifest.get("audio", {}).get(name) for name in ("codes", "mel")]
+    for entry in entries:
+        if entry and "file" in entry:
+            yield entry["file"], entry["dtype"], entry["shape"]
+    fmri = manifest.get("fmri", {})
+    if "mean_file" in fmri:
+        yield fmri["mean_file"], fmri["dtype"], fmri["shape"][1:]
+
+
+def _check_array_files(path: Path, manifest: Dict[str, Any]) -> None:
+    """Every array file is there and as large as the manifest says: a truncated store fails here, naming the file,
+    not later inside a memory map."""
+    for name, dtype, shape in _array_entries(manifest):
+        file = path / name
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        size = file.stat().st_size if file.is_file() else None
+        # A .npy file adds its header (a multiple of 64 bytes) in front of the data.
+        fits = size is not None and (size == expected if file.suffix != ".npy" else 0 < size - expected <= 65536)
+        if not fits:
+            found = "missing" if size is None else f"{size:,} bytes"
+            raise DataError(file, f"{found}; the manifest lists {dtype} {tuple(shape)} ({expected:,} bytes of data)",
+                            expected="the store as `giblet data prepare` wrote it",
+                            fix=f"prepare it again: giblet data prepare DATA --out {path} --force")
 
 
 # --------------------------------------------------------------------------- preparing a store
