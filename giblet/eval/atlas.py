@@ -23,10 +23,6 @@ Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import shutil
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -37,16 +33,17 @@ import torch
 from giblet.data import volume
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.parcels import size_classes
-from giblet.data.store import replace_folder
 from giblet.errors import DataError
-from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, contiguous_null, lesion, lesion_losses,
-                                load_model, modality_losses, open_run, p_value, relative_change, roi_name)
+from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, check_replaceable, contiguous_null, lesion,
+                                lesion_losses, load_model, modality_losses, open_run, p_value, relative_change, roi_name,
+                                write_report_folder)
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
 
 MIN_PARCEL_VOXELS = 5  # a smaller parcel is left out (with a warning): too few units for a lesion or a null worth the name
 SIZE_RATIO = 1.25  # parcels whose sizes differ by at most this factor share one null
 TOP = 10  # parcels listed per modality in atlas.json's "top"
+MARKER, KIND = "atlas.json", "atlas lesion report"  # what makes an existing --out replaceable
 
 
 class AtlasWarning(UserWarning):
@@ -95,7 +92,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
                         expected=f"parcels of at least {MIN_PARCEL_VOXELS} voxels", fix="use a coarser atlas (e.g. larger cubes)")
     out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / f"atlas-{roi_name(atlas)}"
     if out.exists():
-        _check_replaceable(out)
+        check_replaceable(out, MARKER, KIND)
     model = load_model(checkpoint, store)
     dataset = WindowDataset(store, split, "cross_subject", window_index(store))
     loss = GibletLoss(scales=LossScales.from_store(store, model))
@@ -165,24 +162,15 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     return report
 
 
-def _check_replaceable(out: Path) -> None:
-    if not out.is_dir() or (not (out / "atlas.json").is_file() and any(out.iterdir())):
-        raise DataError(out, "exists and is not an atlas lesion report", expected="a new folder, or an atlas report to replace",
-                        fix="choose another --out")
-
-
 def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, run, store_path, atlas, split, reports, progress) -> None:
-    """Everything into a hidden folder beside ``out``, renamed at the end: a crash leaves no half-written report."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.atlas-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        index = np.searchsorted(parcel_labels, labels)  # each voxel's parcel (valid where labels > 0)
-        inside = labels > 0
+    inside = labels > 0
+    parcel = np.searchsorted(parcel_labels, labels).clip(max=len(parcel_labels) - 1)  # each voxel's parcel, where inside
+
+    def fill(tmp: Path) -> Dict[str, Dict[str, str]]:
         files: Dict[str, Dict[str, str]] = {}
         for name in change:
-            carries = np.where(inside, change[name][index.clip(max=len(parcel_labels) - 1)], 0.0)
-            q_map = np.where(inside, np.nan_to_num(q[name][index.clip(max=len(parcel_labels) - 1)], nan=1.0), 1.0)
+            carries = np.where(inside, change[name][parcel], 0.0)
+            q_map = np.where(inside, np.nan_to_num(q[name][parcel], nan=1.0), 1.0)
             volume.save_volume(carries, grid, tmp / f"carries_{name}.nii.gz")
             volume.save_volume(q_map, grid, tmp / f"q_{name}.nii.gz")
             _plot_map(carries, q_map, grid[0], tmp / f"carries_{name}.png", name)
@@ -196,14 +184,9 @@ def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, ru
                 lesion(run, roi, tmp / f"top_{name}", store_path, permutations=0, split=split, progress=False)
                 roi.unlink()
                 files[name]["top_report"] = f"top_{name}"
-        report["files"] = files
-        (tmp / "atlas.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            _check_replaceable(out)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return files
+
+    write_report_folder(out, MARKER, KIND, fill, report)
 
 
 def _plot_map(carries: np.ndarray, q_map: np.ndarray, mask: np.ndarray, path: Path, name: str) -> None:

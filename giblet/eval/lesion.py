@@ -31,7 +31,7 @@ import shutil
 import wave
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -321,7 +321,7 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     voxels, outside = roi_voxels(roi, store)
     out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / roi_name(roi)
     if out.exists():
-        _check_replaceable(out)
+        check_replaceable(out)
     model = load_model(checkpoint, store)
     units = model.lesion_mask(torch.from_numpy(voxels))
 
@@ -381,19 +381,34 @@ def roi_name(path: PathLike) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _check_replaceable(out: Path) -> None:
-    if not out.is_dir() or (not (out / "lesion.json").is_file() and any(out.iterdir())):
-        raise DataError(out, "exists and is not a lesion report", expected="a new folder, or a lesion report to replace",
+def check_replaceable(out: Path, marker: str = "lesion.json", kind: str = "lesion report") -> None:
+    """``out`` may be replaced only when it is a report of this kind (it holds ``marker``) or an empty folder."""
+    if not out.is_dir() or (not (out / marker).is_file() and any(out.iterdir())):
+        raise DataError(out, f"exists and is not a {kind}", expected=f"a new folder, or a {kind} to replace",
                         fix="choose another --out")
 
 
-def _write_outputs(out: Path, report, model, store: Store, scales: LossScales, encoded, lines, texts) -> None:
-    """Everything into a hidden folder beside ``out``, renamed at the end: a crash leaves no half-written report."""
+def write_report_folder(out: Path, marker: str, kind: str, fill: Callable[[Path], Dict[str, object]], report: Dict[str, object]) -> None:
+    """``fill(tmp)`` writes the files into a hidden folder beside ``out`` and returns ``report["files"]``; the report is
+    written as ``marker`` and the folder renamed to ``out`` at the end: a crash leaves no half-written report."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.lesion-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / f".{out.name}.report-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # with the user's umask, as the finished folder should have
-    intact_lines, lesioned_lines = lines
     try:
+        report["files"] = fill(tmp)
+        (tmp / marker).write_text(json.dumps(report, indent=2))
+        if out.exists():
+            check_replaceable(out, marker, kind)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_outputs(out: Path, report, model, store: Store, scales: LossScales, encoded, lines, texts) -> None:
+    intact_lines, lesioned_lines = lines
+
+    def fill(tmp: Path) -> Dict[str, object]:
         files: Dict[str, object] = {}
         if "video" in intact_lines:
             files["video"] = _write_frames(tmp / "frames.mp4", encoded, intact_lines["video"], lesioned_lines["video"], model.dims)
@@ -404,14 +419,9 @@ def _write_outputs(out: Path, report, model, store: Store, scales: LossScales, e
             files["audio"] = _write_code_audio(tmp, store, intact_lines["codes"], lesioned_lines["codes"])
         if "text" in model.modalities:
             files["text"] = _write_texts(tmp, store, encoded, texts)
-        report["files"] = files
-        (tmp / "lesion.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            _check_replaceable(out)
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return files
+
+    write_report_folder(out, "lesion.json", "lesion report", fill, report)
 
 
 def _write_frames(path: Path, encoded, intact: SlotAverage, lesioned: SlotAverage, dims) -> Dict[str, object]:
