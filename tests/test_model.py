@@ -234,18 +234,20 @@ def test_checkpoint_rebuilds_the_model_without_the_yaml(tiny_store, tmp_path):
     assert not loaded.l7_brain.keep[1:4].any()
 
 
+def _full_disk(payload, target):
+    """torch.save on a full disk: part of the file written, then its writer's error."""
+    with open(target, "wb") as stream:
+        stream.write(b"partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 94084928 vs 94084816")
+
+
 def test_a_full_disk_while_saving_names_the_file_and_leaves_the_previous_checkpoint(tiny_store, tmp_path, monkeypatch):
     model = build(tiny_store)
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     save_checkpoint(model, path, step=1)
     before = path.read_bytes()
 
-    def full_disk(payload, target):
-        with open(target, "wb") as stream:
-            stream.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 94084928 vs 94084816")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", _full_disk)
     with pytest.raises(giblet.errors.DataError) as error:
         save_checkpoint(model, path, step=2)
     message = str(error.value)
@@ -267,12 +269,7 @@ def test_a_full_disk_message_counts_the_optimizer_state_and_offers_resume_only_w
                   for t in state.values() if t.dim() > 0) / 2**20  # the encoder's: only it has gradients here
     assert moments > 0.5 * weights
 
-    def full_disk(payload, target):
-        with open(target, "wb") as stream:
-            stream.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0")
-
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", _full_disk)
     path = tmp_path / "run" / "checkpoints" / "last.pt"
     with pytest.raises(giblet.errors.DataError) as error:
         save_checkpoint(model, path, optimizer=optimizer.state_dict())

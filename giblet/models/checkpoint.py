@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from giblet.config import ModelConfig
+from giblet.config import REMOVED, ModelConfig
 from giblet.errors import DataError
 from giblet.models.autoencoder import GibletAutoencoder
 from giblet.models.stimuli import ModelDims
@@ -106,10 +106,10 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 
 
 OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
-# Model settings that older checkpoints carry and the model no longer has: model.parcels (checked to be unset),
-# model.decoder_gradient_to_brain and model.modality_dropout (training only: neither changes the weights' shapes).
-REMOVED_SETTINGS = ("parcels", "decoder_gradient_to_brain", "modality_dropout")
-# L1 widths that are now model.slot_features: a checkpoint loads when each equals it (as every shipped file had).
+# Model settings that older checkpoints carry and the model no longer has (config.REMOVED lists every removed key):
+# model.parcels is checked to be unset; the others are training-only or change no weight's shape, except the L1
+# widths that are now model.slot_features, with which a checkpoint loads when each equals it (as every shipped file had).
+REMOVED_SETTINGS = tuple(key.split(".", 1)[1] for key in REMOVED if key.startswith("model."))
 MERGED_INTO_SLOT_FEATURES = ("code_features", "mel_features", "segment_features")
 
 
@@ -121,8 +121,7 @@ def _model_settings(saved: Dict[str, Any], path: Path) -> Dict[str, Any]:
         if key in saved and saved[key] != slot:
             raise DataError(path, f"a model with model.{key} {saved[key]} and model.slot_features {slot}",
                             expected=f"one width for both (model.{key} is now model.slot_features)", fix="retrain with this version")
-    dropped = REMOVED_SETTINGS + MERGED_INTO_SLOT_FEATURES
-    return {key: value for key, value in saved.items() if key in fields or key not in dropped}
+    return {key: value for key, value in saved.items() if key in fields or key not in REMOVED_SETTINGS}
 
 
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
