@@ -117,6 +117,7 @@ class Alignment:
     fmri_beyond_s: float  # scan time after the end of the stimulus (dropped)
     stimulus_beyond_s: float  # stimulus time after the end of the scan (dropped)
     notes: List[str] = field(default_factory=list)
+    subject_trs: List[int] = field(default_factory=list)  # store TRs each subject has (fewer when cut short)
 
     def onsets(self) -> np.ndarray:
         return tr_onsets(self.n_trs, self.tr_s, self.stimulus_onset_s, self.first_tr)

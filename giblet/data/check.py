@@ -50,7 +50,7 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
     """
     facts = {} if facts is None else facts
     from giblet.data import audio, fmri, text, video
-    from giblet.data.store import align_sources, check_consistent_headers, find_sources, split_trs
+    from giblet.data.store import align_sources, check_consistent_headers, check_subject_lengths, find_sources, split_trs
 
     report = _Report()
     try:
@@ -137,7 +137,9 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             detail = f"{align.n_trs} TRs used (scan TRs {align.first_tr}-{align.first_tr + align.n_trs - 1})"
             if align.notes:
                 detail += "; " + "; ".join(align.notes)
-            report.add("alignment", PASS, detail)
+            # A subject cut short is usable (its missing TRs are left out), but the user should know which one.
+            short = any(has < align.n_trs for has in align.subject_trs)
+            report.add("alignment", WARN if short else PASS, detail)
         except GibletError as error:
             report.fail("alignment", error)
 
@@ -177,7 +179,13 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
             sizes = ", ".join(f"{k} {v[1] - v[0]} (TRs {v[0]}-{v[1] - 1})" for k, v in blocks.items() if v[1] > v[0])
             report.add("splits", PASS, f"{sizes}; gaps of {gap_trs} TRs ({gap_trs * align.tr_s:g} s)")
         except GibletError as error:
+            blocks = None
             report.fail("splits", error)
+        if blocks is not None:
+            try:
+                check_subject_lengths(sources, align, blocks)
+            except GibletError as error:
+                report.fail("subject lengths", error)
 
     if deep and infos and header_ok:
         facts["n_voxels"] = _check_fmri_data(report, sources, config, align)

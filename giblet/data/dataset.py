@@ -122,7 +122,8 @@ class WindowDataset(Dataset):
     """Samples of one split of a store.
 
     ``cross_subject``: one sample per TR, target = mean of the z-scored subjects.
-    ``per_subject``: one sample per (subject, TR), target = that subject's z-scored response.
+    ``per_subject``: one sample per (subject, TR) the subject has (``Store.present``: a subject cut short has
+    none for the TRs it lacks), target = that subject's z-scored response.
     Items are dicts of tensors: ``tr``, ``subject`` (-1 for the mean), ``window_onset``
     (float64 seconds), ``video_index``, ``code_index``, ``mel_index``, ``text_index``
     (int64 slots, -1 = empty) and ``fmri`` (float32 ``(n_voxels,)``).
@@ -140,6 +141,8 @@ class WindowDataset(Dataset):
         start, stop = store.splits[split]
         self.trs = np.arange(start, stop, dtype=np.int64)
         self.n_subjects = len(store.subjects)
+        # Subject-major (subject, TR offset) pairs of the per-subject samples.
+        self._pairs = np.nonzero(store.present(start, stop)) if mode == "per_subject" else None
         self._targets = store.fmri_mean() if mode == "cross_subject" else store.fmri()
         self._teacher: Optional[np.ndarray] = None
         self._teacher_weight = 0.0
@@ -158,12 +161,12 @@ class WindowDataset(Dataset):
         self._teacher, self._teacher_weight = teacher, float(weight)
 
     def __len__(self) -> int:
-        return self.trs.size * (1 if self.mode == "cross_subject" else self.n_subjects)
+        return self.trs.size if self.mode == "cross_subject" else int(self._pairs[0].size)
 
     def _locate(self, items: np.ndarray):
         if self.mode == "cross_subject":
             return np.full(items.shape, -1, dtype=np.int64), self.trs[items]
-        return items // self.trs.size, self.trs[items % self.trs.size]
+        return self._pairs[0][items].astype(np.int64), self.trs[self._pairs[1][items]]
 
     def batch(self, items: Sequence[int]) -> Dict[str, torch.Tensor]:
         """Samples ``items`` as one batch, read with one fancy index per array (faster than collating items)."""

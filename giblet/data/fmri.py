@@ -176,7 +176,7 @@ def shared_mask(
     """The shared mask: voxels valid in at least ceil(min_fraction x n_subjects) subjects.
 
     Every header is checked (same grid and affine) before any data is read; subjects are
-    then loaded one at a time, truncated to the first ``n_trs`` TRs when given.
+    then loaded one at a time, truncated to (at most) the first ``n_trs`` TRs when given.
     Returns (bool mask (X, Y, Z), number of valid voxels per subject).
     """
     paths = [Path(path) for path in paths]
@@ -199,8 +199,8 @@ def shared_mask(
     valid_subject_count = np.zeros(first.shape[:3], dtype=np.int32)
     valid_per_subject: List[int] = []
     with bar("fMRI mask", total=len(paths), show=progress) as progress_bar:
-        for path in paths:
-            valid = valid_voxels(_read_subject(path, n_trs))
+        for path, info in zip(paths, infos):
+            valid = valid_voxels(_read_subject(path, None if n_trs is None else min(n_trs, info.n_trs)))
             n_valid = int(valid.sum())
             if n_valid == 0:
                 raise DataError(path, "no voxel has finite, non-constant values",

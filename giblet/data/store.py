@@ -213,11 +213,21 @@ class Store:
         return json.loads((self.path / self.manifest["text"]["texts_file"]).read_text())
 
     def fmri(self) -> np.ndarray:
-        """(n_subjects, n_trs, n_voxels) z-scored responses."""
+        """(n_subjects, n_trs, n_voxels) z-scored responses; TRs a subject lacks (``present``) hold 0."""
         return self._array(self.manifest["fmri"])
 
+    @property
+    def subject_trs(self) -> List[int]:
+        """How many store TRs each subject has: a subject cut short has TRs ``0 .. subject_trs[s] - 1``."""
+        return list(self.manifest["fmri"].get("subject_trs") or [self.n_trs] * len(self.subjects))
+
+    def present(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """(n_subjects, stop - start) bool: which subject has which of the store TRs ``start .. stop - 1``."""
+        stop = self.n_trs if stop is None else stop
+        return np.arange(start, stop)[None, :] < np.asarray(self.subject_trs)[:, None]
+
     def fmri_mean(self) -> np.ndarray:
-        """(n_trs, n_voxels) mean of the z-scored subjects."""
+        """(n_trs, n_voxels) mean of the z-scored subjects that have each TR."""
         entry = self.manifest["fmri"]
         return np.memmap(self.path / entry["mean_file"], dtype=entry["dtype"], mode="r", shape=tuple(entry["shape"][1:]))
 
@@ -421,20 +431,26 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
     fmri.write_mask(mask, infos[0].affine, tmp / "mask.nii.gz")
     dtype = np.dtype(np.float16)  # z-scores: float16 keeps ~3 significant digits, far below the noise
     shape = (len(sources.fmri), align.n_trs, n_voxels)
+    subject_trs = list(align.subject_trs)
     # Plain sequential writes, not a writable memmap: the written pages then belong to the
     # page cache, not to this process, and peak memory stays one subject's worth.
     total = np.zeros((align.n_trs, n_voxels), dtype=np.float32)
     train = slice(*blocks["train"])
     with open(tmp / "fmri.bin", "wb") as handle, bar("fMRI: extract and z-score", total=len(sources.fmri), show=progress) as progress_bar:
-        for path in sources.fmri:
-            series = fmri.extract(path, mask, n_trs=stop)[align.first_tr : stop]
+        for path, has in zip(sources.fmri, subject_trs):
+            series = fmri.extract(path, mask, n_trs=align.first_tr + has)[align.first_tr :]
             z, _, _ = fmri.zscore(series, train)
             del series
+            # A subject cut short keeps the array's shape: its missing TRs hold 0 (its mean) and are marked
+            # missing by fmri.subject_trs, so nothing downstream mistakes them for data.
+            z = np.concatenate([z, np.zeros((align.n_trs - has, n_voxels), dtype=z.dtype)]) if has < align.n_trs else z
             z.astype(dtype).tofile(handle)
             total += z
             del z
             progress_bar.advance(1)
-    total /= len(sources.fmri)
+    # The group mean at each TR is over the subjects that have that TR.
+    present_per_tr = (np.arange(align.n_trs)[:, None] < np.asarray(subject_trs)[None, :]).sum(axis=1)
+    total /= np.maximum(present_per_tr, 1)[:, None]
     total.astype(dtype).tofile(tmp / "fmri_mean.bin")
     del total
     assert (tmp / "fmri.bin").stat().st_size == math.prod(shape) * dtype.itemsize
@@ -443,6 +459,7 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
         "mean_file": "fmri_mean.bin",
         "mask_file": "mask.nii.gz",
         "subjects": list(sources.subjects),
+        "subject_trs": subject_trs,
         "n_voxels": n_voxels,
         "grid_shape": list(mask.shape),
         "affine": np.asarray(infos[0].affine).tolist(),
@@ -472,25 +489,44 @@ def _check_fmri_headers(sources: Sources):
 
 
 def align_sources(sources: Sources, movie, infos, config: Config) -> alignment_mod.Alignment:
-    """The scan TRs the movie covers (subjects with more TRs than the shortest are cut to it, with a note)."""
-    fmri_trs = min(info.n_trs for info in infos)
-    notes = []
-    if any(info.n_trs != fmri_trs for info in infos):
-        counts = ", ".join(f"s{s}: {i.n_trs}" for s, i in zip(sources.subjects, infos))
-        notes.append(f"subjects have different TR counts ({counts}); the first {fmri_trs} of each are used")
+    """The scan TRs the movie covers, on the clock of the longest subject; ``subject_trs`` counts the store TRs
+    each subject has (a subject cut short has only the first ones; ``check_subject_lengths`` says which are
+    enough). Subjects with more TRs than the movie covers are cut to it."""
+    longest = max(range(len(infos)), key=lambda i: infos[i].n_trs)
     a = config.alignment
     align = alignment_mod.align(
         movie.duration_s,
-        fmri_trs,
-        infos[0].tr_s,
+        infos[longest].n_trs,
+        infos[longest].tr_s,
         a.stimulus_onset_s,
         a.max_stimulus_beyond_s,
         a.max_fmri_beyond_s,
         stimulus_source=str(sources.movie),
-        fmri_source=str(sources.fmri[0]),
+        fmri_source=str(sources.fmri[longest]),
     )
-    align.notes = notes + align.notes
+    align.subject_trs = [max(0, min(info.n_trs - align.first_tr, align.n_trs)) for info in infos]
+    for path, info, has in zip(sources.fmri, infos, align.subject_trs):
+        if has < align.n_trs:
+            align.notes.append(
+                f"{path.name} has {info.n_trs} TRs, {align.n_trs - has} fewer than the movie covers: its store TRs "
+                f"{has}-{align.n_trs - 1} are missing and are left out of the group mean, the noise ceiling and its scores"
+            )
     return align
+
+
+def check_subject_lengths(sources: Sources, align: alignment_mod.Alignment, blocks) -> None:
+    """A subject cut short is used when it has every training TR (z-scoring and training see every subject);
+    one that lacks some is refused, naming its file."""
+    train_stop = blocks["train"][1]
+    for path, has in zip(sources.fmri, align.subject_trs):
+        if has < train_stop:
+            raise DataError(
+                path,
+                f"covers {has} of the {align.n_trs} movie TRs",
+                expected=f"at least the {train_stop} TRs of the training block (TRs 0-{train_stop - 1}); "
+                         "a shorter subject can only miss validation or test TRs",
+                fix="leave this subject out with data.subjects, or lower split.val_fraction / split.test_fraction",
+            )
 
 
 def split_trs(align: alignment_mod.Alignment, config: Config, source: str):
@@ -516,6 +552,7 @@ def plan(data_dir: Union[str, Path], config: Config) -> Dict[str, Any]:
     infos = _check_fmri_headers(sources)
     align = align_sources(sources, movie, infos, config)
     blocks, gap_trs = split_trs(align, config, str(Path(data_dir)))
+    check_subject_lengths(sources, align, blocks)
     return {"sources": sources, "movie": movie, "fmri_infos": infos, "alignment": align, "blocks": blocks, "gap_trs": gap_trs}
 
 

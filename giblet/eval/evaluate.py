@@ -18,7 +18,7 @@ import torch
 from giblet.config import load_config
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.store import Store, open_store, run_store_path
-from giblet.eval.metrics import noise_ceiling, pearson_r
+from giblet.eval.metrics import mean_subject_r, noise_ceiling, pearson_r
 from giblet.linear import FirRidge, HrfRidge, banded_ridge, fit_splits, regressor_parts
 from giblet.models import Stimuli
 from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
@@ -42,7 +42,8 @@ def predict(model, store: Store, split: str = "test", batch_size: int = 32) -> n
 
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
                   predictions: Optional[Dict[str, np.ndarray]] = None, subjects: Optional[np.ndarray] = None,
-                  loso_ceiling: Optional[np.ndarray] = None) -> Optional[Dict[str, object]]:
+                  loso_ceiling: Optional[np.ndarray] = None, present: Optional[np.ndarray] = None
+                  ) -> Optional[Dict[str, object]]:
     """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
 
     ``scores`` maps a name (``model``, ``ridge``, ...) to per-voxel r against the group mean. Two ceilings:
@@ -50,7 +51,8 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
     the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter.
     With ``subjects`` (the split's responses, ``(subjects, TRs, voxels)``), the model's prediction and the
-    leave-one-subject-out ``loso_ceiling``, also ``per_subject`` (``_per_subject_truth``).
+    leave-one-subject-out ``loso_ceiling``, also ``per_subject`` (``_per_subject_truth``; ``present``: which
+    subject has which TR, ``Store.present``).
     """
     import nibabel as nib
 
@@ -71,7 +73,7 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     ceiling = pearson_r(truth_signal, group[:, carries])
     if subjects is not None and subjects.shape[0] > 1 and predictions is not None and "model" in predictions:
         per_subject = _per_subject_truth(np.asarray(predictions["model"])[:, carries], truth_signal,
-                                         subjects[:, :, carries], loso_ceiling[carries])
+                                         subjects[:, :, carries], loso_ceiling[carries], present)
     result: Dict[str, object] = {
         "folder": str(truth),
         "signal_voxels": int(carries.sum()),
@@ -103,14 +105,14 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
 
 
 def _per_subject_truth(prediction: np.ndarray, truth_signal: np.ndarray, subjects: np.ndarray,
-                       loso_ceiling: np.ndarray) -> Dict[str, float]:
+                       loso_ceiling: np.ndarray, present: Optional[np.ndarray] = None) -> Dict[str, float]:
     """On the signal voxels (every argument already restricted to them): the model's and the noise-free
     signal's mean r against each subject, over the mean leave-one-subject-out ceiling. The ceiling correlates
     a subject with the mean of the others, itself noisy, so it sits below what a perfect model reaches: the
     noise-free signal's ratio says by how much."""
 
     def mean_r_subject(values: np.ndarray) -> float:
-        return float(np.mean([pearson_r(values, subject) for subject in subjects]))
+        return float(mean_subject_r(values, subjects, present).mean())
 
     model, perfect, loso = mean_r_subject(prediction), mean_r_subject(truth_signal), float(loso_ceiling.mean())
     return {"model_mean_r_subject": model, "noise_free_signal_mean_r_subject": perfect, "noise_ceiling_mean": loso,
@@ -170,8 +172,9 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
     subjects = np.asarray(store.fmri()[:, start:stop], dtype=np.float32)
     r = pearson_r(prediction, group)
-    r_subject = np.mean([pearson_r(prediction, subjects[s]) for s in range(subjects.shape[0])], axis=0)
-    ceiling = noise_ceiling(subjects) if subjects.shape[0] > 1 else np.full(r.shape, np.nan)
+    present = store.present(start, stop)  # a subject cut short is scored on the TRs it has
+    r_subject = mean_subject_r(prediction, subjects, present)
+    ceiling = noise_ceiling(subjects, present) if subjects.shape[0] > 1 else np.full(r.shape, np.nan)
     reliable = ceiling >= CEILING_FLOOR
     metrics: Dict[str, object] = {
         "split": split,
@@ -213,7 +216,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
                 **about,
             }
             scores[name], predictions[name] = fitted_r, fitted
-    truth = truth_metrics(store, split, scores, predictions, subjects, ceiling)
+    truth = truth_metrics(store, split, scores, predictions, subjects, ceiling, present)
     if truth is not None:
         metrics["truth"] = truth
     out = run / "eval"
