@@ -61,7 +61,7 @@ def build_table(info: dict) -> Table:
 
 def validate_data(data: Path, settings, quick: bool) -> List[str]:
     """Check a Sherlock-layout folder, print the checks (and the model it sizes); the names of those that failed."""
-    from giblet.data.check import FAIL, PASS, check_data
+    from giblet.data.check import FAIL, PASS, WARN, check_data
 
     facts: dict = {}
     with console.status(f"checking {data}"):
@@ -78,7 +78,9 @@ def validate_data(data: Path, settings, quick: bool) -> List[str]:
     if failed:
         console.print(f"[red]{len(failed)} of {len(checks)} data checks failed[/red]: " + ", ".join(failed))
     else:
-        console.print(f"[green]all {len(checks)} data checks passed[/green]")
+        warned = [c.name for c in checks if c.status == WARN]
+        note = f" ({len(warned)} with a warning: {', '.join(warned)})" if warned else ""
+        console.print(f"[green]all {len(checks)} data checks passed[/green]{escape(note)}")
     if "manifest" in facts:
         import torch
 
