@@ -71,6 +71,26 @@ def prepare(
 
 @app.command()
 @fail_cleanly
+def verify(
+    store: Path = typer.Argument(..., help="A store made by `giblet data prepare`."),
+) -> None:
+    """Hash every file of a store again and compare with the hashes its manifest recorded (exit 0 only if all match)."""
+    from rich.markup import escape
+
+    from giblet.data.integrity import OK, verify as verify_store
+
+    started = time.perf_counter()
+    checks, error = verify_store(store)
+    for check in checks:
+        style = "green" if check.status == OK else "red"
+        console.print(f"  [{style}]{check.status:<8}[/{style}] {escape(check.name):<22} {escape(check.detail)}")
+    if error is not None:
+        raise error
+    console.print(f"store {store}: all {len(checks)} files match the manifest ({time.perf_counter() - started:.1f} s)")
+
+
+@app.command()
+@fail_cleanly
 def download(
     data: Path = typer.Argument(..., help="Folder to create with the dataset."),
     url: Optional[str] = typer.Option(None, help="Address of the dataset's zip (default: $GIBLET_DATA_URL)."),

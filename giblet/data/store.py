@@ -109,11 +109,9 @@ def file_digest(path: Path, known: Optional[Dict[str, Any]] = None) -> Dict[str,
     if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns and known.get("sha256"):
         entry["sha256"] = known["sha256"]
         return entry
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    entry["sha256"] = digest.hexdigest()
+    from giblet.data.integrity import sha256_file
+
+    entry["sha256"] = sha256_file(path, chunk=HASH_CHUNK)
     return entry
 
 
@@ -273,17 +271,14 @@ def _array_entries(manifest: Dict[str, Any]):
 
 def _check_array_files(path: Path, manifest: Dict[str, Any]) -> None:
     """Every array file is there and as large as the manifest says: a truncated store fails here, naming the file,
-    not later inside a memory map."""
+    not later inside a memory map (`giblet data verify` checks their contents)."""
+    from giblet.data.integrity import array_size_problem
+
     for name, dtype, shape in _array_entries(manifest):
         file = path / name
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        size = file.stat().st_size if file.is_file() else None
-        # A .npy file adds its header (a multiple of 64 bytes) in front of the data.
-        fits = size is not None and (size == expected if file.suffix != ".npy" else 0 < size - expected <= 65536)
-        if not fits:
-            found = "missing" if size is None else f"{size:,} bytes"
-            raise DataError(file, f"{found}; the manifest lists {dtype} {tuple(shape)} ({expected:,} bytes of data)",
-                            expected="the store as `giblet data prepare` wrote it",
+        problem = array_size_problem(file, dtype, shape)
+        if problem:
+            raise DataError(file, problem, expected="the store as `giblet data prepare` wrote it",
                             fix=f"prepare it again: giblet data prepare DATA --out {path} --force")
 
 
@@ -590,6 +585,8 @@ def prepare(
     force: bool = False,
 ) -> Store:
     """Prepare (or reuse) the store of ``data_dir`` under ``config`` at ``out``."""
+    from giblet.data import integrity
+
     out = Path(out)
     remove_dead_temporaries(out)
     layout = plan(data_dir, config)
@@ -620,6 +617,7 @@ def prepare(
     align = layout["alignment"]
     for note in align.notes:
         log.warning("%s", note)
+    need = integrity.check_room(layout, config, out)  # before anything is written: a full disk is refused up front
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     if tmp.exists():
@@ -666,11 +664,14 @@ def prepare(
         video_entry = _write_video(sources.movie, layout["movie"], config, tmp, progress)
         video_entry.update(_per_window(video_entry["rate_hz"], 0.0, video_entry["shape"][0], onsets, align.tr_s, lookback))
         manifest["video"] = video_entry
+        manifest["hashes"] = integrity.record_hashes(tmp, manifest, progress)  # for `giblet data verify`
         manifest["size_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _install(tmp, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if integrity.is_disk_full(error):  # the estimate was short, or something else took the room meanwhile
+            raise integrity.disk_full_error(out, need, error) from error
         raise
     return open_store(out)
 
