@@ -42,6 +42,11 @@ class AlignmentConfig:
     max_stimulus_beyond_s: float = 30.0  # movie time after the last TR that is tolerated (dropped)
     max_fmri_beyond_s: Optional[float] = None  # scan time after the movie that is tolerated; null = any (dropped)
     hrf: str = "glover"  # canonical HRF of the linear baseline: glover or spm
+    # The scans were already shifted earlier by this many TRs to absorb the haemodynamic lag (row t holds the
+    # volume acquired at TR t + preshift_trs), as the published Sherlock data were by 3. The HRF-based parts (the
+    # linear branch, ridge_hrf, ridge_banded, the linear teacher) then advance the HRF by as much instead of
+    # delaying the whole of it again (docs/design.md, "Pre-shifted scans").
+    preshift_trs: int = 0
 
 
 @dataclass
@@ -179,11 +184,22 @@ class Config:
         return dataclasses.asdict(self)
 
     def section(self, *names: str) -> Dict[str, Any]:
-        return {name: dataclasses.asdict(getattr(self, name)) for name in names}
+        """The settings of the sections ``names`` as dicts, less the ``ADDED_STORE_SETTINGS`` at their old value."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in names}
+        for (name, key), value in ADDED_STORE_SETTINGS.items():
+            if name in out and out[name].get(key) == value:
+                del out[name][key]
+        return out
 
 
 # Sections whose values change what `giblet data prepare` writes; they key the store.
 STORE_SECTIONS = ("data", "alignment", "video", "audio", "text", "fmri", "window", "split")
+
+# Settings of the store's sections added after stores were made, with the value that gives what a store made
+# before them holds: at that value they are left out of Config.section (a store's recorded settings and its key),
+# so those stores keep their keys and are reused, not refused as "other settings". Readers of a store's settings
+# take a missing one as this value.
+ADDED_STORE_SETTINGS = {("alignment", "preshift_trs"): 0}
 
 CHOICES = {
     ("alignment", "hrf"): ("glover", "spm"),
@@ -325,6 +341,9 @@ def _check_values(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: loss.{key} is {value}; expected a weight >= 0")
     if config.loss.fmri_teacher > 1:
         raise ConfigError(f"{source}: loss.fmri_teacher is {config.loss.fmri_teacher}; expected a share in [0, 1]")
+    if config.alignment.preshift_trs < 0:
+        raise ConfigError(f"{source}: alignment.preshift_trs is {config.alignment.preshift_trs}; expected the TRs (>= 0) "
+                          "by which the scans were already shifted earlier, 0 for scans as acquired")
     if not 0 < config.fmri.min_subject_fraction <= 1:
         raise ConfigError(f"{source}: fmri.min_subject_fraction is {config.fmri.min_subject_fraction}; expected (0, 1]")
 

@@ -189,6 +189,7 @@ def check_data(data_dir, config: Config, deep: bool = True, load_models: bool = 
 
     if deep and infos and header_ok:
         facts["n_voxels"] = _check_fmri_data(report, sources, config, align)
+        _check_response_lag(report, sources, config, movie, align)
 
     if load_models:
         try:
@@ -274,6 +275,105 @@ def _check_fmri_data(report: _Report, sources, config: Config, align) -> Optiona
         )
         return n_mask
     return None
+
+
+def _check_response_lag(report: _Report, sources, config: Config, movie, align) -> None:
+    """Does the response follow the sound at a haemodynamic lag? Scans already shifted earlier to absorb the lag
+    (as the published Sherlock data were by 3 TRs) respond to the movie at once, and training on them as they
+    are delays every HRF-based part twice; ``alignment.preshift_trs`` says they were.
+
+    Cheap (before any GPU time): the soundtrack's loudness per TR (RMS) against the mean z-scored response of
+    the first 3 subjects, correlated at lags of -6 to +15 s over the voxels valid in all 3 among 60,000 drawn at
+    random from the grid (all of a smaller one; ~19,000 in Sherlock's brain mask); the lag is the peak
+    (interpolated between TRs) of the mean lag profile of the 1% of voxels that follow the loudness best. It is
+    only read when that profile beats the same statistic with the loudness moved far out of step (8 circular
+    shifts); else the check passes as inconclusive. With ``preshift_trs`` P the lag counts P TRs on top. WARN
+    below 3 s (an unshifted BOLD response peaks 4-6 s after its cause; the peak is at about 5 s on synthetic
+    data) and, with P set, above 8 s (the scans look unshifted).
+    """
+    name, subjects, positions_drawn, top_fraction, nulls, earliest_s, latest_s, typical_s = (
+        "response lag", 3, 60000, 0.01, 8, 3.0, 8.0, 5.0)
+    if align is None or movie is None or not movie.has_audio:
+        return
+    from giblet.data import audio, fmri
+
+    tr, first, preshift = align.tr_s, align.first_tr, config.alignment.preshift_trs
+    try:
+        samples, rate, start_s = audio.read_audio(sources.movie, progress=False)
+        begin = np.clip(np.round((align.onsets() - start_s) * rate).astype(np.int64), 0, samples.size)
+        width = max(1, int(round(tr * rate)))
+        loudness = np.array([np.sqrt(np.mean(np.square(samples[b:b + width], dtype=np.float64))) if b < samples.size else 0.0
+                             for b in begin])
+        del samples
+        total, valid, n = None, None, align.n_trs
+        grid = fmri.probe_nifti(sources.fmri[0]).shape[:3]
+        positions = np.random.default_rng(0).permutation(int(np.prod(grid)))[:positions_drawn]
+        chosen = np.zeros(int(np.prod(grid)), dtype=bool)
+        chosen[positions] = True
+        chosen = chosen.reshape(grid)
+        for path in sources.fmri[:subjects]:
+            # Only the drawn voxels become float32 (T, voxels); a subject cut short has fewer TRs.
+            has = fmri.probe_nifti(path).n_trs
+            series = fmri.extract(path, chosen, n_trs=min(has, first + align.n_trs))[first:].astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                mean, std = series.mean(axis=0), series.std(axis=0)
+                varies = np.isfinite(std) & (std > 1e-6 * np.maximum(1.0, np.abs(mean)))
+                z = np.where(varies, (series - mean) / np.where(varies, std, 1.0), 0.0)
+            del series
+            n = min(n, z.shape[0])
+            total = z[:n] if total is None else total[:n] + z[:n]
+            valid = varies if valid is None else valid & varies
+        total = total[:, valid] if total is not None else None
+    except (GibletError, OSError, ValueError) as error:
+        report.add(name, WARN, f"not measured ({type(error).__name__}: {error})")
+        return
+    if total is None or total.shape[1] == 0:
+        return
+    y = total
+    lags = np.arange(int(math.floor(-6.0 / tr)), int(math.ceil(15.0 / tr)) + 1)
+    if n < 4 * lags.size:
+        report.add(name, PASS, f"not measured: {n} TRs are too few for lags of -6 to +15 s")
+        return
+    std = y.std(axis=0)
+    y = (y - y.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+    def profile(x: np.ndarray):
+        """The top voxels' mean lag profile (each voxel's sign taken at its peak) and its peak value."""
+        x = (x - x.mean()) / max(float(x.std()), 1e-12)
+        r = np.stack([(x[:n - lag, None] * y[lag:]).mean(axis=0) if lag >= 0 else (x[-lag:, None] * y[:n + lag]).mean(axis=0)
+                      for lag in lags])  # (lags, voxels): corr(loudness at t, response at t + lag)
+        top = np.argsort(np.abs(r).max(axis=0))[-max(20, int(top_fraction * r.shape[1])):]
+        sign = np.sign(r[np.abs(r[:, top]).argmax(axis=0), top])
+        curve = (r[:, top] * sign).mean(axis=1)
+        return curve, float(curve.max())
+
+    curve, peak_r = profile(loudness[:n])
+    null = max(profile(np.roll(loudness[:n], int(shift)))[1] for shift in np.linspace(n // 4, 3 * n // 4, nulls))
+    where = f"{min(subjects, len(sources.fmri))} subjects, {y.shape[1]} voxels, {n} TRs"
+    if peak_r <= null:
+        report.add(name, PASS, f"inconclusive: no voxel follows the soundtrack's loudness beyond chance "
+                               f"(r {peak_r:.2f}, out of step {null:.2f}; {where})")
+        return
+    i = int(curve.argmax())
+    offset = 0.0
+    if 0 < i < lags.size - 1:  # the parabola through the peak and its neighbours
+        a, b, c = curve[i - 1], curve[i], curve[i + 1]
+        offset = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) < 0 else 0.0
+    apparent_s = float((lags[i] + offset) * tr)
+    lag_s = apparent_s + preshift * tr
+    detail = (f"the response follows the soundtrack's loudness by {apparent_s:.1f} s"
+              + (f" ({lag_s:.1f} s with alignment.preshift_trs: {preshift})" if preshift else "")
+              + f" (r {peak_r:.2f}, out of step {null:.2f}; {where})")
+    if lag_s < earliest_s:
+        guess = max(1, int(round((typical_s - apparent_s) / tr)))
+        report.add(name, WARN, f"{detail}: earlier than any haemodynamic lag (4-6 s), so the scans look already shifted "
+                               f"earlier by about {guess} TRs ({guess * tr:g} s) to absorb it; set alignment.preshift_trs: "
+                               f"{guess} (the published Sherlock data: 3), or the HRF-based parts delay them twice")
+    elif preshift and lag_s > latest_s:
+        report.add(name, WARN, f"{detail}: later than a haemodynamic lag (4-6 s), as in scans not shifted; "
+                               f"check alignment.preshift_trs: {preshift} (0 for scans as acquired)")
+    else:
+        report.add(name, PASS, detail)
 
 
 def _subjects(subjects) -> str:

@@ -80,6 +80,15 @@ per voxel from a spatially smooth target noise ceiling (0.40-0.90, mean ~0.65).
 Outside the mask every value is exactly 0 at every TR. tiny stores float32; the
 larger presets store int16 with scl_slope (scl_inter 0, so 0 stays exactly 0).
 
+Real-data quirks (``SynthPreset`` fields; the ``sherlock-quirks`` preset has them all at a small size).
+``preshift_trs`` P: the fMRI is written shifted earlier by P TRs, as the published Sherlock data were by 3 to
+absorb the haemodynamic lag: row t of every file (and of ``_truth/signal.npy``) is the response at TR t + P,
+sampled at (t + P + 0.5) * TR, so an impulse in the movie first shows P TRs early; the stimulus files and
+``_truth/features.npz`` keep the movie's clock (train with ``alignment.preshift_trs: P``). ``short_subjects``:
+(subject, n) pairs whose file lacks its last n TRs (Sherlock's s5 lacks 50). ``sherlock_workbook``: the
+annotation workbook has the release's columns in its order (a segment number first, TR columns and more
+columns giblet does not read); every workbook's time and text headers end in a space, as the release's do.
+
 Noise ceiling. ``_truth/noise_ceiling.npy`` is, per mask voxel, the correlation over
 the movie TRs between the true signal and the mean over subjects expected from the
 variances: ``g * s / sqrt(g^2 s^2 + shared^2 + sum_i private_i^2 / N^2)`` with g the
@@ -126,6 +135,12 @@ TRUTH_FOLDER = "_truth"
 # The real file's first three headers end in a space; "Camera Angle" is an extra column readers must ignore.
 ANNOTATION_COLUMNS = ("Start Time (s) ", "End Time (s) ", "Scene Details - A Level ", "Name - All", "Location",
                       "Camera Angle")
+# The release's workbook (Sherlock_Segments_1000_NN_2017.xlsx) in its column order, stray trailing spaces included;
+# giblet reads the start, end and scene-details columns by name and no other.
+SHERLOCK_ANNOTATION_COLUMNS = ("Segment Number", "Start Time (s) ", "End Time (s) ", "Start TR", "End TR",
+                               "Scene Segments", "Scene Details - A Level ", "Space-In/Outdoor", "Name - All",
+                               "Name - Focus", "Name - Speaking", "Location", "Camera Angle", "Music Presence ",
+                               "Words on Screen ")
 
 STIMULUS_CLOCK_HZ = 100
 FINE_STEP_S = 0.05
@@ -193,6 +208,9 @@ class SynthPreset:
     fps: float = 25.0  # may be fractional (23.976): frame k is shown at k / fps seconds
     audio_rate: int = 44100
     noise_scale: float = 1.0  # multiplies every noise standard deviation (the ceilings fall accordingly)
+    preshift_trs: int = 0  # the fMRI written shifted earlier by this many TRs (row t = the response at TR t + P)
+    short_subjects: Tuple[Tuple[int, int], ...] = ()  # (subject number from 1, TRs its file lacks at the end)
+    sherlock_workbook: bool = False  # annotations with the release's columns (SHERLOCK_ANNOTATION_COLUMNS)
 
     def __post_init__(self) -> None:
         steps_per_half_tr = self.tr_s / (2 * FINE_STEP_S)
@@ -204,6 +222,16 @@ class SynthPreset:
             raise ValueError(f"fmri_dtype must be float32 or int16, got {self.fmri_dtype!r}")
         if not self.fps > 0 or not self.noise_scale > 0 or not self.tr_s > 0:
             raise ValueError(f"tr_s {self.tr_s}, fps {self.fps} and noise_scale {self.noise_scale} must be positive")
+        if int(self.preshift_trs) != self.preshift_trs or self.preshift_trs < 0:
+            raise ValueError(f"preshift_trs must be a whole number of TRs >= 0, got {self.preshift_trs!r}")
+        for subject, missing in self.short_subjects:
+            if not 1 <= subject <= self.n_subjects or not 0 < missing < self.scan_trs:
+                raise ValueError(f"short subject {(subject, missing)}: expected (a subject in 1-{self.n_subjects}, "
+                                 f"0 < missing TRs < {self.scan_trs})")
+
+    def subject_trs(self, subject: int) -> int:
+        """Volumes in the file of ``subject`` (counted from 0): ``scan_trs`` less what ``short_subjects`` cuts."""
+        return self.scan_trs - dict(self.short_subjects).get(subject + 1, 0)
 
     @property
     def movie_trs(self) -> int:
@@ -229,15 +257,24 @@ PRESETS: Dict[str, SynthPreset] = {
     "sherlock-scale": SynthPreset("sherlock-scale", n_subjects=17, tr_s=1.5, movie_duration_s=1426.0, scan_trs=1976,
                                   frame_width=640, frame_height=360, grid_shape=(61, 73, 61), mask_voxels=85810,
                                   n_regions=64, fmri_dtype="int16", units_per_region=12),
+    # The real release's quirks (configs/sherlock.yaml) at tiny's size: the fMRI shifted earlier by 3 TRs, s5's
+    # file 25 TRs short (the release's s5 lacks 50), scans running past the movie, the release's workbook columns.
+    "sherlock-quirks": SynthPreset("sherlock-quirks", n_subjects=5, tr_s=1.5, movie_duration_s=360.0, scan_trs=250,
+                                   frame_width=320, frame_height=180, grid_shape=(24, 28, 24), mask_voxels=4000,
+                                   n_regions=10, fmri_dtype="int16", preshift_trs=3, short_subjects=((5, 25),),
+                                   sherlock_workbook=True),
 }
 
 
 def preset_variant(name: str, tr_s: Optional[float] = None, fps: Optional[float] = None,
-                   noise_scale: Optional[float] = None) -> SynthPreset:
-    """The preset ``name`` with another TR, frame rate or noise level: a dataset giblet's settings were not
-    chosen on. The scan keeps its duration in seconds (the number of volumes follows the TR)."""
+                   noise_scale: Optional[float] = None, preshift_trs: Optional[int] = None) -> SynthPreset:
+    """The preset ``name`` with another TR, frame rate, noise level or pre-shift of the fMRI (``preshift_trs``
+    TRs earlier): a dataset giblet's settings were not chosen on. The scan keeps its duration in seconds (the
+    number of volumes follows the TR)."""
     base = _resolve_preset(name)
     changes: Dict[str, object] = {}
+    if preshift_trs is not None:
+        changes["preshift_trs"] = int(preshift_trs)
     if tr_s is not None:
         changes.update(tr_s=float(tr_s), scan_trs=int(math.ceil(base.scan_trs * base.tr_s / float(tr_s) - 1e-9)))
     if fps is not None:
@@ -246,7 +283,8 @@ def preset_variant(name: str, tr_s: Optional[float] = None, fps: Optional[float]
         changes["noise_scale"] = float(noise_scale)
     if not changes:
         return base
-    label = "".join(f"-{key}{value:g}" for key, value in (("tr", tr_s), ("fps", fps), ("noise", noise_scale)) if value is not None)
+    label = "".join(f"-{key}{value:g}" for key, value in (("tr", tr_s), ("fps", fps), ("noise", noise_scale),
+                                                          ("preshift", preshift_trs)) if value is not None)
     try:
         return dataclasses.replace(base, name=base.name + label, **changes)
     except ValueError as error:
@@ -273,7 +311,7 @@ def synthesize(out_dir: Union[str, Path], preset: Union[str, SynthPreset] = "tin
     try:
         world = _build_world(config, int(seed))
         spoken_segments = _write_movie(work_dir / MOVIE_NAME, world, show)
-        _write_annotations(work_dir / ANNOTATIONS_NAME, world.segments)
+        _write_annotations(work_dir / ANNOTATIONS_NAME, world.segments, config)
         truth_dir = work_dir / TRUTH_FOLDER
         truth_dir.mkdir()
         _write_brain_truth(truth_dir, world)
@@ -713,7 +751,10 @@ def _voxel_signal(preset, seed, mask, fine, region_of_voxel, region_kinds, units
     signal = np.zeros((n_trs, n_voxels), dtype=np.float32)
     modality_weights = np.zeros((n_voxels, 3))
     steps_per_tr = int(round(preset.tr_s / FINE_STEP_S))
-    middles = np.arange(n_trs) * steps_per_tr + steps_per_tr // 2
+    # Pre-shifted scans: row t is the response at TR t + preshift_trs. The fine grid ends with the scan, after the
+    # movie, so the P TRs past it are rest (0).
+    shift = preset.preshift_trs * steps_per_tr
+    middles = np.arange(n_trs) * steps_per_tr + steps_per_tr // 2 + shift
     k = preset.units_per_region
     for region, kind in enumerate(region_kinds):
         voxels = np.flatnonzero(region_of_voxel == region)
@@ -721,7 +762,10 @@ def _voxel_signal(preset, seed, mask, fine, region_of_voxel, region_kinds, units
             continue
         unit_ids = region * k + np.arange(k)
         # Convolution is linear, so convolving each unit once equals convolving every voxel's mix of them.
-        bold = convolve_hrf(_unit_activity(preset, fine, units, unit_ids), FINE_STEP_S, HRF_KIND)[middles]
+        activity = _unit_activity(preset, fine, units, unit_ids)
+        if shift:
+            activity = np.concatenate([activity, np.zeros((shift, activity.shape[1]))])
+        bold = convolve_hrf(activity, FINE_STEP_S, HRF_KIND)[middles]
         mix = bold @ unit_weights[voxels].T
         scale = mix[:movie_trs].std(axis=0)
         signal[:, voxels] = (mix * (amplitude[voxels] / scale)).astype(np.float32)
@@ -819,25 +863,29 @@ def _write_subjects(folder: Path, world: _World, show: Optional[bool]) -> np.nda
     # A (T, Z, Y, X) C-ordered volume is the (X, Y, Z, T) Fortran-ordered array NIfTI stores, with no copy.
     voxel_columns = np.ravel_multi_index(np.nonzero(world.mask), world.mask.shape, order="F")
     group_sum = np.zeros((movie_trs, world.region_of_voxel.size))
+    group_count = np.zeros(movie_trs)
     scratch = np.empty((n_trs, world.region_of_voxel.size), dtype=np.float32)
     with bar("write fMRI", total=preset.n_subjects, show=show) as progress_bar:
         for subject in range(preset.n_subjects):
             data = _subject_series(world, subject, scratch)
-            volume = np.zeros((n_trs, size_z * size_y * size_x), dtype=preset.fmri_dtype)
+            written = preset.subject_trs(subject)  # a short subject's file ends early
+            in_mean = min(written, movie_trs)
+            volume = np.zeros((written, size_z * size_y * size_x), dtype=preset.fmri_dtype)
             if preset.fmri_dtype == "int16":
-                slope = np.float32(np.abs(data).max() / INT16_FULL_SCALE)
-                for t in range(n_trs):
+                slope = np.float32(np.abs(data[:written]).max() / INT16_FULL_SCALE)
+                for t in range(written):
                     volume[t, voxel_columns] = np.rint(data[t] / slope)
-                for t in range(movie_trs):
+                for t in range(in_mean):
                     group_sum[t] += volume[t, voxel_columns] * np.float64(slope)
             else:
                 slope = None
-                for t in range(n_trs):
+                for t in range(written):
                     volume[t, voxel_columns] = data[t]
-                group_sum += data[:movie_trs]
+                group_sum[:in_mean] += data[:in_mean]
+            group_count[:in_mean] += 1
             del data
             header = _nifti_header(world, preset.fmri_dtype)
-            image = nib.Nifti1Image(volume.reshape(n_trs, size_z, size_y, size_x).T, world.affine, header)
+            image = nib.Nifti1Image(volume.reshape(written, size_z, size_y, size_x).T, world.affine, header)
             image.header.set_zooms((3.0, 3.0, 3.0, preset.tr_s))
             image.header.set_qform(world.affine, code=4)
             image.header.set_sform(world.affine, code=4)
@@ -846,7 +894,7 @@ def _write_subjects(folder: Path, world: _World, show: Optional[bool]) -> np.nda
             nib.save(image, str(folder / FMRI_PATTERN.format(subject=subject + 1)))
             del image, volume
             progress_bar.advance(1)
-    return _correlation_per_column(world.signal[:movie_trs], group_sum)
+    return _correlation_per_column(world.signal[:movie_trs], group_sum / np.maximum(group_count, 1)[:, None])
 
 
 def _correlation_per_column(truth: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -1014,16 +1062,26 @@ def _render_audio(world: _World, clock: np.ndarray, auditory: np.ndarray, first:
     return sound.astype(np.float32), float(np.mod(phases[-1], 2 * np.pi))
 
 
-def _write_annotations(path: Path, segments: List[Segment]) -> None:
+def _write_annotations(path: Path, segments: List[Segment], preset: Optional[SynthPreset] = None) -> None:
     from openpyxl import Workbook
 
     workbook = Workbook()
     sheet = workbook.active
     sheet.title = "Sheet1"
-    sheet.append(list(ANNOTATION_COLUMNS))
-    for segment in segments:
-        sheet.append([segment.start_s, segment.end_s, segment.text, segment.names, segment.location,
-                      segment.camera_angle])
+    if preset is not None and preset.sherlock_workbook:
+        sheet.append(list(SHERLOCK_ANNOTATION_COLUMNS))
+        for number, segment in enumerate(segments, start=1):
+            first, last = int(segment.start_s // preset.tr_s) + 1, int(segment.end_s // preset.tr_s) + 1
+            names = segment.names.split(", ")
+            sheet.append([number, segment.start_s, segment.end_s, first, last, None, segment.text,
+                          "Indoor" if segment.location in ("kitchen", "hospital", "library") else "Outdoor",
+                          segment.names, names[0], names[-1] if number % 3 else None, segment.location,
+                          segment.camera_angle, "No", None])
+    else:
+        sheet.append(list(ANNOTATION_COLUMNS))
+        for segment in segments:
+            sheet.append([segment.start_s, segment.end_s, segment.text, segment.names, segment.location,
+                          segment.camera_angle])
     workbook.save(str(path))
 
 
@@ -1180,7 +1238,11 @@ def _write_summary(folder: Path, world: _World, empirical: np.ndarray, spoken_se
         "n_annotation_segments": len(world.segments),
         "hrf": HRF_KIND,
         "fine_step_s": FINE_STEP_S,
-        "signal_sampled_at": "middle of each TR, (t + 0.5) * tr_s",
+        "signal_sampled_at": ("middle of each TR, (t + 0.5) * tr_s" if not preset.preshift_trs else
+                              f"middle of TR t + {preset.preshift_trs}, (t + {preset.preshift_trs} + 0.5) * tr_s "
+                              f"(the fMRI written shifted earlier by {preset.preshift_trs} TRs)"),
+        "preshift_trs": preset.preshift_trs,
+        "subject_trs": [preset.subject_trs(s) for s in range(preset.n_subjects)],
         "spoken_segments": spoken_segments,
         "synthesis_seconds": round(seconds, 2),
         "description": _description(preset),

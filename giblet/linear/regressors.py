@@ -1,7 +1,8 @@
 """The fixed per-TR stimulus features of the linear encoding models, and those features through the HRF.
 
-``regressor_parts`` is the one place they are computed: the ridge baselines of ``giblet evaluate``, the
-model's linear branch and the trainer's linear teacher all read its blocks.
+``regressor_parts`` is the one place they are computed and ``hrf_convolve`` the one HRF filter: the ridge
+baselines of ``giblet evaluate``, the model's linear branch and the trainer's linear teacher all read its blocks
+through it, advanced by the store's ``alignment.preshift_trs`` when the scans were already shifted.
 """
 
 from __future__ import annotations
@@ -60,13 +61,41 @@ def regressor_parts(store: Store, small_frames: Optional[torch.Tensor], height: 
     return {name: part.astype(np.float64) for name, part in parts.items()}
 
 
-def convolve_parts(parts: Dict[str, np.ndarray], tr_s: float, hrf: str) -> np.ndarray:
-    """Each per-TR block (a series sampled every ``tr_s`` seconds) through the canonical HRF ``hrf``, side by
-    side in the order of ``parts``: ``(TRs, features)`` float32."""
-    return np.concatenate([convolve_hrf(part, tr_s, hrf) for part in parts.values()], axis=1).astype(np.float32)
+def store_preshift_trs(store: Store) -> int:
+    """``alignment.preshift_trs`` of the settings ``store`` was prepared with: by how many TRs its scans were
+    already shifted earlier (0 for a store prepared before the setting existed, or at 0, which it leaves out)."""
+    return int(store.manifest.get("settings", {}).get("alignment", {}).get("preshift_trs", 0))
+
+
+def hrf_convolve(signal: np.ndarray, tr_s: float, hrf: str, preshift_trs: int = 0) -> np.ndarray:
+    """Per-TR rows (a series sampled every ``tr_s`` seconds) through the canonical HRF ``hrf`` along axis 0,
+    float64, same length: the one HRF filter of every HRF-based linear part.
+
+    ``preshift_trs`` 0: the causal response, ``out[t] = sum_k h[k] x[t - k]`` (``convolve_hrf``). ``preshift_trs
+    P``: the response of scans shifted earlier by P TRs, whose row t was acquired at TR t + P: the HRF advanced
+    by P TRs, ``out[t] = sum_{k >= -P} h[k + P] x[t - k]`` (the unshifted response P rows later). The whole HRF
+    is kept: its first P TRs fall on the features of the P rows after t (cutting them off would drop the
+    response's first 4.5 s at Sherlock's 3 x 1.5 s, 31% of its positive area). The last P rows read features
+    past the end, held at the last row's.
+    """
+    x = np.asarray(signal, dtype=np.float64)
+    if preshift_trs < 0:
+        raise ValueError(f"preshift_trs is {preshift_trs}; expected >= 0 TRs")
+    if preshift_trs == 0 or x.shape[0] == 0:
+        return convolve_hrf(x, tr_s, hrf)
+    held = np.repeat(x[-1:], preshift_trs, axis=0)
+    return convolve_hrf(np.concatenate([x, held]), tr_s, hrf)[preshift_trs:]
+
+
+def convolve_parts(parts: Dict[str, np.ndarray], tr_s: float, hrf: str, preshift_trs: int = 0) -> np.ndarray:
+    """Each per-TR block (a series sampled every ``tr_s`` seconds) through the canonical HRF ``hrf``
+    (``hrf_convolve``, advanced by ``preshift_trs`` TRs for pre-shifted scans), side by side in the order of
+    ``parts``: ``(TRs, features)`` float32."""
+    return np.concatenate([hrf_convolve(part, tr_s, hrf, preshift_trs) for part in parts.values()], axis=1).astype(np.float32)
 
 
 def hrf_regressors(store: Store, parts: Dict[str, np.ndarray], hrf: str) -> np.ndarray:
-    """The blocks of ``regressor_parts`` through the canonical HRF at the store's TR, side by side:
-    ``(TRs, features)`` float32, the regressors a model's linear branch reads."""
-    return convolve_parts(parts, store.tr_s, hrf)
+    """The blocks of ``regressor_parts`` through the canonical HRF at the store's TR (advanced by its
+    ``alignment.preshift_trs``), side by side: ``(TRs, features)`` float32, the regressors a model's linear
+    branch reads."""
+    return convolve_parts(parts, store.tr_s, hrf, store_preshift_trs(store))

@@ -2,7 +2,8 @@
 
 ``X`` holds per-TR features ``(TRs, features)`` (``BandedRidge``: a dict of named blocks), ``Y`` the
 responses ``(TRs, voxels)`` on the same rows. Each model filters the features in time (FIR delays or the
-canonical HRF) over the whole series it is given, so a row sees the TRs before it; to fit on one part of a
+canonical HRF) over the whole series it is given, so a row sees the TRs before it (and, for responses already
+shifted earlier by P TRs, ``preshift_trs``, the HRF models see the P TRs after it); to fit on one part of a
 continuous series and predict another, pass the whole series and select the part with ``rows`` (a slice or
 index array; default all rows). Features are standardized on the fit rows; predictions are float32.
 """
@@ -14,8 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from giblet.data.alignment import convolve_hrf, fir_delays
-from giblet.linear.regressors import convolve_parts
+from giblet.data.alignment import fir_delays
+from giblet.linear.regressors import convolve_parts, hrf_convolve
 
 # Shrinkages tried by the single-kernel ridges (FIR, HRF).
 RIDGE_ALPHAS = np.logspace(-1, 6, 15)
@@ -83,19 +84,23 @@ class FirRidge(_KernelRidge):
 
 class HrfRidge(_KernelRidge):
     """Kernel ridge on the features through the canonical HRF ``hrf`` (``glover`` or ``spm``) at a TR of
-    ``tr_s`` seconds: one weight per feature, its time course assumed."""
+    ``tr_s`` seconds: one weight per feature, its time course assumed. ``preshift_trs``: the responses were
+    already shifted earlier by that many TRs (``hrf_convolve``); None: the store's ``alignment.preshift_trs``
+    when ``fit_splits`` fits it, else 0."""
 
-    def __init__(self, tr_s: float, hrf: str = "glover", alphas: Optional[Sequence[float]] = None):
+    def __init__(self, tr_s: float, hrf: str = "glover", alphas: Optional[Sequence[float]] = None,
+                 preshift_trs: Optional[int] = None):
         super().__init__(alphas)
-        self.tr_s, self.hrf = tr_s, hrf
+        self.tr_s, self.hrf, self.preshift_trs = tr_s, hrf, preshift_trs
 
     def _filter(self, X: np.ndarray) -> np.ndarray:
-        return convolve_hrf(X, self.tr_s, self.hrf)
+        return hrf_convolve(X, self.tr_s, self.hrf, self.preshift_trs or 0)
 
 
 class BandedRidge:
     """Banded (multiple-kernel) ridge: one kernel per named block of ``X`` (through the canonical HRF ``hrf``
-    at ``tr_s``; ``hrf`` None: the blocks are per-TR regressors already, used as they are).
+    at ``tr_s``, advanced by ``preshift_trs`` for responses already shifted earlier, None: as ``HrfRidge``;
+    ``hrf`` None: the blocks are per-TR regressors already, used as they are).
 
     Each voxel gets its own weight per block and its own shrinkage, both chosen by 5-fold cross-validation
     on the fit rows (himalaya's MultipleKernelRidgeCV, random search over ``n_iter`` block weightings seeded
@@ -110,17 +115,17 @@ class BandedRidge:
     """
 
     def __init__(self, tr_s: Optional[float] = None, hrf: Optional[str] = None, n_iter: int = BANDED_SEARCH,
-                 seed: int = 0, alphas: Optional[Sequence[float]] = None):
+                 seed: int = 0, alphas: Optional[Sequence[float]] = None, preshift_trs: Optional[int] = None):
         if hrf is not None and tr_s is None:
             raise ValueError(f"BandedRidge with hrf={hrf!r} needs tr_s, the seconds between rows")
-        self.tr_s, self.hrf, self.n_iter, self.seed = tr_s, hrf, n_iter, seed
+        self.tr_s, self.hrf, self.n_iter, self.seed, self.preshift_trs = tr_s, hrf, n_iter, seed, preshift_trs
         self.alphas = BANDED_ALPHAS if alphas is None else np.asarray(alphas)
 
     def _regressors(self, name: str, part: np.ndarray) -> np.ndarray:
         # Through convolve_parts: exactly the float32 regressors a linear branch reads, so linear_map applies to them.
         if self.hrf is None:
             return np.asarray(part, dtype=np.float32).astype(np.float64)
-        return convolve_parts({name: part}, self.tr_s, self.hrf).astype(np.float64)
+        return convolve_parts({name: part}, self.tr_s, self.hrf, self.preshift_trs or 0).astype(np.float64)
 
     def _standardized(self, regressors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if list(regressors) != list(self.scales_):
