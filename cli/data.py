@@ -20,23 +20,27 @@ class Preset(str, Enum):
     tiny = "tiny"
     small = "small"
     sherlock_scale = "sherlock-scale"
+    sherlock_quirks = "sherlock-quirks"
 
 
 @app.command()
 @fail_cleanly
 def synth(
     out: Path = typer.Argument(..., help="New folder to write (must not exist or be empty)."),
-    preset: Preset = typer.Option(Preset.tiny, help="tiny: demo-sized, under a minute; small: ~10k voxels; sherlock-scale: Sherlock's sizes."),
+    preset: Preset = typer.Option(Preset.tiny, help="tiny: demo-sized, under a minute; small: ~10k voxels; sherlock-scale: Sherlock's sizes; "
+                                                 "sherlock-quirks: small, with the real release's quirks (configs/sherlock.yaml)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same dataset."),
     tr: Optional[float] = typer.Option(None, "--tr", help="Another TR in seconds (e.g. 2.0); the scan keeps its duration."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Another frame rate (e.g. 23.976)."),
     noise: Optional[float] = typer.Option(None, "--noise", help="Multiply every noise level by this (e.g. 1.5: lower ceilings)."),
+    preshift: Optional[int] = typer.Option(None, "--preshift", help="Write the fMRI shifted earlier by this many TRs, as the "
+                                           "published Sherlock data were by 3 (read with alignment.preshift_trs)."),
 ) -> None:
     """Write a dataset in the Sherlock layout from a known ground truth (truth in OUT/_truth/)."""
     from giblet.data.synth import preset_variant, synthesize
 
     started = time.perf_counter()
-    sizes = preset_variant(preset.value, tr_s=tr, fps=fps, noise_scale=noise)
+    sizes = preset_variant(preset.value, tr_s=tr, fps=fps, noise_scale=noise, preshift_trs=preshift)
     path = synthesize(out, sizes, seed=seed)
     console.print(f"wrote {path} ({sizes.name}, seed {seed}) in {time.perf_counter() - started:.1f} s; ground truth in {path / '_truth'}")
 

@@ -10,7 +10,7 @@ from giblet.data.alignment import convolve_hrf
 from giblet.data.check import PASS, WARN, check_data
 from giblet.errors import ConfigError
 from giblet.linear import (BandedRidge, HrfRidge, banded_ridge, convolve_parts, fit_splits, hrf_convolve,
-                           hrf_regressors, regressor_parts, store_preshift_trs)
+                           hrf_regressors, regressor_parts)
 
 TR = 1.5
 SHIFT = 3
@@ -102,7 +102,7 @@ def test_the_synthetic_fmri_is_written_shifted(tiny_data, shifted_data):
 
 def test_the_stores_regressors_are_the_unshifted_ones_moved_earlier(stores):
     plain, told = stores["unshifted"], stores["shifted, set"]
-    assert store_preshift_trs(told) == SHIFT and store_preshift_trs(plain) == 0
+    assert told.preshift_trs == SHIFT and plain.preshift_trs == 0
     assert "preshift_trs" not in plain.manifest["settings"]["alignment"]
     # Same movie, same features; the shifted store's regressors at TR t are the unshifted ones at t + 3.
     parts = regressor_parts(plain, None, 18, 32)
@@ -112,6 +112,16 @@ def test_the_stores_regressors_are_the_unshifted_ones_moved_earlier(stores):
     model = HrfRidge(told.tr_s, "glover")
     fit_splits(told, model, np.concatenate(list(parts.values()), axis=1), ("test",))
     assert model.preshift_trs == SHIFT
+
+
+def test_the_window_of_a_shifted_tr_is_the_window_of_the_tr_it_was_acquired_at(stores):
+    from giblet.data.dataset import window_index
+
+    plain, told = window_index(stores["unshifted"]), window_index(stores["shifted, set"])
+    # Row t of the shifted scans is the response acquired at TR t + 3: it reads that TR's stimulus window.
+    np.testing.assert_allclose(told.window_onsets[:-SHIFT], plain.window_onsets[SHIFT:])
+    np.testing.assert_array_equal(told.video[:-SHIFT], plain.video[SHIFT:])
+    np.testing.assert_array_equal(told.text[:-SHIFT], plain.text[SHIFT:])
 
 
 def _linear_figures(store):

@@ -102,7 +102,9 @@ def window_index(store: Store) -> WindowIndex:
     manifest = store.manifest
     window = manifest["window"]
     lookback, window_s = window["lookback_s"], window["window_s"]
-    onsets = store.onsets() - lookback
+    # Scans shifted earlier by P TRs (alignment.preshift_trs): TR t holds the response acquired at TR t + P, so it
+    # reads the window of TR t + P; otherwise the window would miss the response's first P TRs of lag.
+    onsets = store.onsets() + store.preshift_trs * store.tr_s - lookback
     v = manifest["video"]
     video = _grid(v["shape"][0], v["rate_hz"], v["start_s"], onsets, window_s, window["video_slots"])
     codes = mel = None
@@ -243,12 +245,10 @@ class ShardSampler(Sampler[int]):
 def check_split_isolation(store: Store, index: Optional[WindowIndex] = None) -> None:
     """Raise if any window of one split reaches into the TRs of another (by stimulus time)."""
     index = index or window_index(store)
-    tr = store.tr_s
-    onsets = store.onsets()
     spans = {}
     for name, (start, stop) in store.splits.items():
         if stop > start:
-            spans[name] = (index.window_onsets[start], onsets[stop - 1] + tr)
+            spans[name] = (index.window_onsets[start], index.window_onsets[stop - 1] + index.window_s)
     names = list(spans)
     for a in range(len(names)):
         for b in range(a + 1, len(names)):

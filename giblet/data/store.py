@@ -175,6 +175,12 @@ class Store:
         return self.manifest["fmri"]["n_voxels"]
 
     @property
+    def preshift_trs(self) -> int:
+        """``alignment.preshift_trs`` of the settings the store was prepared with: by how many TRs its scans were
+        already shifted earlier to absorb the haemodynamic lag (0 when the setting is absent: older stores)."""
+        return int(self.manifest.get("settings", {}).get("alignment", {}).get("preshift_trs", 0))
+
+    @property
     def subjects(self) -> List[int]:
         return self.manifest["fmri"]["subjects"]
 
@@ -633,7 +639,9 @@ def prepare(
             "sources": digests,
             "settings": config.section(*STORE_SECTIONS),
         }
+        # The windows' TR clock, as window_index reads it (scans shifted earlier read P TRs later).
         onsets = alignment_mod.tr_onsets(align.n_trs, align.tr_s, align.stimulus_onset_s, align.first_tr)
+        onsets = onsets + config.alignment.preshift_trs * align.tr_s
         lookback = config.window.lookback_s
         manifest["alignment"] = {
             "tr_s": align.tr_s,

@@ -12,7 +12,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from giblet.data.store import Store
-from giblet.linear.regressors import store_preshift_trs
 from giblet.linear.ridge import BANDED_SEARCH, BandedRidge
 
 def _target(store: Store, target: Optional[np.ndarray]) -> np.ndarray:
@@ -27,7 +26,7 @@ def fit_splits(store: Store, estimator, X, splits: Sequence[str] = ("test",),
     HRF whose ``preshift_trs`` is None takes the store's ``alignment.preshift_trs``."""
     target = _target(store, target)
     if hasattr(estimator, "preshift_trs") and estimator.preshift_trs is None:
-        estimator.preshift_trs = store_preshift_trs(store)
+        estimator.preshift_trs = store.preshift_trs
     estimator.fit(X, target, rows=slice(*store.splits["train"]))
     return {split: estimator.predict(X, rows=slice(*store.splits[split])) for split in splits}
 
@@ -38,7 +37,7 @@ def banded_ridge(store: Store, parts: Dict[str, np.ndarray], hrf: Optional[str],
     """The ``ridge_banded`` baseline: ``BandedRidge`` on the blocks of ``regressor_parts`` through ``hrf`` (None:
     the blocks are regressors already), fit as ``fit_splits`` fits. Returns the predictions for each of
     ``splits`` and the mean share of each block's kernel weight over the voxels."""
-    model = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store_preshift_trs(store))
+    model = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs)
     predictions = fit_splits(store, model, parts, splits, target)
     return predictions, model.block_shares_
 
@@ -47,7 +46,7 @@ def banded_linear_map(store: Store, parts: Dict[str, np.ndarray], hrf: str, targ
                       n_iter: int = BANDED_SEARCH, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """``banded_ridge``'s fit as one linear map ``(weight (features, voxels), bias (voxels,))`` float32 on
     ``hrf_regressors(store, parts, hrf)``: ``BandedRidge.linear_map``."""
-    model = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store_preshift_trs(store))
+    model = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs)
     model.fit(parts, _target(store, target), rows=slice(*store.splits["train"]))
     return model.linear_map()
 
@@ -78,7 +77,7 @@ def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: b
     weight = bias = fit = shares = None
     if branch or teacher:
         train = slice(*store.splits["train"])
-        banded = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store_preshift_trs(store)).fit(parts, _target(store, target), rows=train)
+        banded = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs).fit(parts, _target(store, target), rows=train)
         shares = banded.block_shares_
         if branch:
             weight, bias = banded.linear_map()

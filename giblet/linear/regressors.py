@@ -61,12 +61,6 @@ def regressor_parts(store: Store, small_frames: Optional[torch.Tensor], height: 
     return {name: part.astype(np.float64) for name, part in parts.items()}
 
 
-def store_preshift_trs(store: Store) -> int:
-    """``alignment.preshift_trs`` of the settings ``store`` was prepared with: by how many TRs its scans were
-    already shifted earlier (0 for a store prepared before the setting existed, or at 0, which it leaves out)."""
-    return int(store.manifest.get("settings", {}).get("alignment", {}).get("preshift_trs", 0))
-
-
 def hrf_convolve(signal: np.ndarray, tr_s: float, hrf: str, preshift_trs: int = 0) -> np.ndarray:
     """Per-TR rows (a series sampled every ``tr_s`` seconds) through the canonical HRF ``hrf`` along axis 0,
     float64, same length: the one HRF filter of every HRF-based linear part.
@@ -98,4 +92,4 @@ def hrf_regressors(store: Store, parts: Dict[str, np.ndarray], hrf: str) -> np.n
     """The blocks of ``regressor_parts`` through the canonical HRF at the store's TR (advanced by its
     ``alignment.preshift_trs``), side by side: ``(TRs, features)`` float32, the regressors a model's linear
     branch reads."""
-    return convolve_parts(parts, store.tr_s, hrf, store_preshift_trs(store))
+    return convolve_parts(parts, store.tr_s, hrf, store.preshift_trs)
