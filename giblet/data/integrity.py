@@ -101,22 +101,6 @@ class FileCheck:
     detail: str
 
 
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    from giblet.data.store import MANIFEST, SCHEMA_VERSION
-
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(path, "no manifest.json", expected="a store made by `giblet data prepare`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(manifest_path, f"not valid JSON ({error})", expected="a manifest written by giblet") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(manifest_path, f"schema version {manifest.get('schema_version')}", expected=f"version {SCHEMA_VERSION}",
-                        fix="prepare the store again with this version of giblet")
-    return manifest
-
-
 def rebuild_command(path: Path, manifest: Dict[str, Any]) -> str:
     return f"giblet data prepare {shlex.quote(str(manifest.get('data_dir', 'DATA')))} --out {shlex.quote(str(path))} --force"
 
@@ -125,10 +109,10 @@ def verify(path: Union[str, Path], progress: Optional[bool] = None) -> Tuple[Lis
     """Hash every file of the store at ``path`` again and compare with the manifest: one check per file, and the
     error to report (None when every file matches). A store without recorded hashes has its sizes checked and
     gets an error saying so."""
-    from giblet.data.store import MANIFEST, _array_entries
+    from giblet.data.store import MANIFEST, _array_entries, read_manifest
 
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     fix = f"rebuild the store: {rebuild_command(path, manifest)}"
     recorded = manifest.get("hashes")
     checks: List[FileCheck] = []

@@ -242,7 +242,8 @@ class Store:
         return load_mask(self.path / self.manifest["fmri"]["mask_file"])
 
 
-def open_store(path: Union[str, Path]) -> Store:
+def read_manifest(path: Union[str, Path]) -> Dict[str, Any]:
+    """The manifest of the store at ``path``, refused clearly when missing, not JSON or of another schema."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -259,6 +260,12 @@ def open_store(path: Union[str, Path]) -> Store:
             expected=f"version {SCHEMA_VERSION}",
             fix="prepare the store again with this version of giblet",
         )
+    return manifest
+
+
+def open_store(path: Union[str, Path]) -> Store:
+    path = Path(path)
+    manifest = read_manifest(path)
     _check_array_files(path, manifest)
     return Store(path, manifest)
 
