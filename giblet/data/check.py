@@ -311,14 +311,12 @@ def _check_response_lag(report: _Report, sources, config: Config, movie, align) 
         chosen = np.zeros(int(np.prod(grid)), dtype=bool)
         chosen[positions] = True
         chosen = chosen.reshape(grid)
-        for path in sources.fmri[:subjects]:
+        for path, has in list(zip(sources.fmri, align.subject_trs))[:subjects]:
             # Only the drawn voxels become float32 (T, voxels); a subject cut short has fewer TRs.
-            has = fmri.probe_nifti(path).n_trs
-            series = fmri.extract(path, chosen, n_trs=min(has, first + align.n_trs))[first:].astype(np.float64)
-            with np.errstate(invalid="ignore", over="ignore"):
-                mean, std = series.mean(axis=0), series.std(axis=0)
-                varies = np.isfinite(std) & (std > 1e-6 * np.maximum(1.0, np.abs(mean)))
-                z = np.where(varies, (series - mean) / np.where(varies, std, 1.0), 0.0)
+            series = fmri.extract(path, chosen, n_trs=first + has)[first:]
+            z, mean, std = fmri.zscore(series, slice(None))
+            # fmri.zscore's rule for a constant voxel; a voxel with any non-finite value is left out too.
+            varies = np.isfinite(series).all(axis=0) & (std > fmri.CONSTANT_TOLERANCE * np.maximum(1.0, np.abs(mean)))
             del series
             n = min(n, z.shape[0])
             total = z[:n] if total is None else total[:n] + z[:n]
