@@ -81,7 +81,7 @@ def verify(
     """Hash every file of a store again and compare with the hashes its manifest recorded (exit 0 only if all match)."""
     from rich.markup import escape
 
-    from giblet.data.integrity import OK, verify as verify_store
+    from giblet.data.verify import OK, verify as verify_store
 
     started = time.perf_counter()
     checks, error = verify_store(store)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from giblet.data import integrity
+from giblet.data import integrity, verify
 from giblet.data import store as store_mod
 from giblet.data.store import open_store, prepare
 from giblet.errors import DataError
@@ -70,8 +70,8 @@ def test_a_flipped_byte_is_a_mismatch_naming_the_file_both_hashes_and_the_fix(ti
 def test_a_missing_file_is_named_missing(tiny_store, tmp_path):
     copy = _copy_store(tiny_store, tmp_path)
     (copy / "text.json").unlink()
-    checks, error = integrity.verify(copy, progress=False)
-    assert [c.name for c in checks if c.status != integrity.OK] == ["text.json"]
+    checks, error = verify.verify(copy, progress=False)
+    assert [c.name for c in checks if c.status != verify.OK] == ["text.json"]
     assert str(error).startswith(f"{copy / 'text.json'}: missing") and "--force" in str(error)
 
 
@@ -88,8 +88,8 @@ def test_a_store_without_recorded_hashes_opens_and_is_told_how_to_get_them(tiny_
     assert f"--out {copy} --force" in output
     # The sizes are still checked.
     (copy / "fmri_mean.bin").write_bytes(b"\0" * 10)
-    checks, error = integrity.verify(copy, progress=False)
-    assert [c.name for c in checks if c.status != integrity.OK] == ["fmri_mean.bin"]
+    checks, error = verify.verify(copy, progress=False)
+    assert [c.name for c in checks if c.status != verify.OK] == ["fmri_mean.bin"]
     assert "1 of its" in str(error) and "fmri_mean.bin" in str(error) and "records no content hashes" in str(error)
 
 
