@@ -12,6 +12,7 @@ from giblet_cli.demo import demo as demo_command
 from giblet_cli.evaluate import evaluate as evaluate_command
 from giblet_cli.lesion import lesion as lesion_command
 from giblet_cli.model import model as model_command
+from giblet_cli.report import report as report_command
 from giblet_cli.train import train as train_command
 from giblet_cli.validate import validate as validate_command
 
@@ -48,6 +49,7 @@ app.command(name="validate")(validate_command)
 app.command(name="model")(model_command)
 app.command(name="bench")(bench_command)
 app.command(name="lesion")(lesion_command)
+app.command(name="report")(report_command)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_prepare_records_the_hash_of_every_file_the_manifest_lists(tiny_store):
     hashes = tiny_store.manifest["hashes"]
     listed = integrity.store_files(tiny_store.manifest)
     assert {"video_frames.bin", "video_times.npy", "audio_codes.npy", "audio_mel.npy", "text_embeddings.npy",
-            "text_times.npy", "text.json", "fmri.bin", "fmri_mean.bin", "mask.nii.gz"} == set(listed) == set(hashes)
+            "text_times.npy", "text.json", "fmri.bin", "fmri_mean.bin", "mask.nii.gz", "mean_image.nii.gz"} == set(listed) == set(hashes)
     for name, record in hashes.items():
         assert record["bytes"] == (tiny_store.path / name).stat().st_size
         assert record["sha256"] == integrity.sha256_file(tiny_store.path / name, chunk=1000)  # any chunk, one hash

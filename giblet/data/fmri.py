@@ -287,6 +287,13 @@ def zscore(series: np.ndarray, train_trs) -> Tuple[np.ndarray, np.ndarray, np.nd
     return z, means, stds
 
 
+def space_of(path: PathLike) -> str:
+    """``mni`` when the NIfTI's sform or qform code is 4 (MNI152), else ``scanner``: which template a map may be
+    drawn on. Reads the header only."""
+    header = nib.load(str(path)).header
+    return "mni" if 4 in (int(header["sform_code"]), int(header["qform_code"])) else "scanner"
+
+
 def write_mask(mask: np.ndarray, affine: np.ndarray, path: PathLike) -> None:
     """Save a 3-D bool mask as a uint8 NIfTI (1 = kept voxel) with the subjects' affine."""
     mask = np.asarray(mask)

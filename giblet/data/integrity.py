@@ -51,7 +51,7 @@ def store_files(manifest: Dict[str, Any]) -> List[str]:
     entries += [manifest.get("audio", {}).get(name) for name in ("codes", "mel")]
     names: List[str] = []
     for entry in entries:
-        for key in ("file", "times_file", "texts_file", "mean_file", "mask_file"):
+        for key in ("file", "times_file", "texts_file", "mean_file", "mask_file", "mean_image_file"):
             name = (entry or {}).get(key)
             if name and name not in names:
                 names.append(name)

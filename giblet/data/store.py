@@ -235,6 +235,18 @@ class Store:
         entry = self.manifest["fmri"]
         return np.memmap(self.path / entry["mean_file"], dtype=entry["dtype"], mode="r", shape=tuple(entry["shape"][1:]))
 
+    @property
+    def space(self) -> str:
+        """``mni`` when the scans' header says MNI152 space (NIfTI xform code 4), else ``scanner`` (or ``unknown``
+        for a store made before the space was recorded)."""
+        return self.manifest["fmri"].get("space", "unknown")
+
+    def mean_image(self) -> Optional[Path]:
+        """The subjects' mean functional image (mean over the training TRs, inside the mask), or None for a store
+        made before it was kept."""
+        name = self.manifest["fmri"].get("mean_image_file")
+        return self.path / name if name and (self.path / name).is_file() else None
+
     def mask(self):
         """(mask bool (X, Y, Z), affine)."""
         from giblet.data.fmri import load_mask
@@ -443,11 +455,13 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
     # Plain sequential writes, not a writable memmap: the written pages then belong to the
     # page cache, not to this process, and peak memory stays one subject's worth.
     total = np.zeros((align.n_trs, n_voxels), dtype=np.float32)
+    mean_image = np.zeros(n_voxels, dtype=np.float64)  # the background of brain maps in the subjects' own space
     train = slice(*blocks["train"])
     with open(tmp / "fmri.bin", "wb") as handle, bar("fMRI: extract and z-score", total=len(sources.fmri), show=progress) as progress_bar:
         for path, has in zip(sources.fmri, subject_trs):
             series = fmri.extract(path, mask, n_trs=align.first_tr + has)[align.first_tr :]
-            z, _, _ = fmri.zscore(series, train)
+            z, mean, _ = fmri.zscore(series, train)
+            mean_image += mean / len(sources.fmri)
             del series
             # A subject cut short keeps the array's shape: its missing TRs hold 0 (its mean) and are marked
             # missing by fmri.subject_trs, so nothing downstream mistakes them for data.
@@ -462,10 +476,15 @@ def _write_fmri(sources: Sources, infos, align, blocks, config: Config, tmp: Pat
     total.astype(dtype).tofile(tmp / "fmri_mean.bin")
     del total
     assert (tmp / "fmri.bin").stat().st_size == math.prod(shape) * dtype.itemsize
+    from giblet.data.volume import save_volume
+
+    save_volume(mean_image.astype(np.float32), (mask, infos[0].affine), tmp / "mean_image.nii.gz")
     return {
         **_entry("fmri.bin", dtype, shape),
         "mean_file": "fmri_mean.bin",
         "mask_file": "mask.nii.gz",
+        "mean_image_file": "mean_image.nii.gz",
+        "space": fmri.space_of(sources.fmri[0]),
         "subjects": list(sources.subjects),
         "subject_trs": subject_trs,
         "n_voxels": n_voxels,

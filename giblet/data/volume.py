@@ -181,6 +181,12 @@ def to_volume(values: np.ndarray, mask: np.ndarray, dtype=np.float32) -> np.ndar
     return out
 
 
+def load_values(path: PathLike, grid, kind: str = "image") -> np.ndarray:
+    """The per-voxel values ``(V,)`` (store order) of the 3-D image at ``path``, read by ``read_on_grid``'s policy:
+    what ``save_volume`` wrote, read back."""
+    return from_volume(read_on_grid(path, grid, kind), grid_of(grid)[0])
+
+
 def from_volume(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The mask voxels of ``(X, Y, Z)`` or ``(X, Y, Z, T)``: ``(V,)`` or ``(V, T)`` in mask order."""
     mask = np.asarray(mask, dtype=bool)

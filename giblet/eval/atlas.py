@@ -16,7 +16,7 @@ Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
   "windows", ...}``;
 - ``carries_<modality>.nii.gz`` (each voxel: its parcel's relative change; 0 outside the atlas) and
   ``q_<modality>.nii.gz`` (its parcel's q; 1 outside);
-- ``carries_<modality>.png``: the map on axial slices;
+- ``carries_<modality>.png``: the map on axial slices (``giblet.eval.brainmaps``), parcels with q < 0.05 outlined;
 - ``top_<modality>/``: the ``--roi`` report (frames.mp4, audio, nearest texts) of the parcel that carries
   most of that modality.
 """
@@ -34,6 +34,7 @@ from giblet.data import volume
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.parcels import size_classes
 from giblet.errors import DataError
+from giblet.eval import brainmaps
 from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, check_replaceable, contiguous_null, lesion,
                                 lesion_losses, load_model, modality_losses, open_run, p_value, relative_change, roi_name,
                                 write_report_folder)
@@ -158,11 +159,12 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         "checkpoint": str(checkpoint),
         "out": str(out),
     }
-    _write_outputs(out, report, labels, parcel_labels, change, q, grid, run, store_path or store.path, atlas, split, reports, progress)
+    _write_outputs(out, report, labels, parcel_labels, change, q, store, run, store_path or store.path, atlas, split, reports, progress)
     return report
 
 
-def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, run, store_path, atlas, split, reports, progress) -> None:
+def _write_outputs(out: Path, report, labels, parcel_labels, change, q, store, run, store_path, atlas, split, reports, progress) -> None:
+    grid = store.mask()
     inside = labels > 0
     parcel = np.searchsorted(parcel_labels, labels).clip(max=len(parcel_labels) - 1)  # each voxel's parcel, where inside
 
@@ -173,7 +175,8 @@ def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, ru
             q_map = np.where(inside, np.nan_to_num(q[name][parcel], nan=1.0), 1.0)
             volume.save_volume(carries, grid, tmp / f"carries_{name}.nii.gz")
             volume.save_volume(q_map, grid, tmp / f"q_{name}.nii.gz")
-            _plot_map(carries, q_map, grid[0], tmp / f"carries_{name}.png", name)
+            brainmaps.stat_map(carries, store, tmp / f"carries_{name}.png", f"what each parcel carries: {name} (outlined: q < 0.05)",
+                               outline=q_map < 0.05)
             files[name] = {"carries": f"carries_{name}.nii.gz", "q": f"q_{name}.nii.gz", "png": f"carries_{name}.png"}
         if reports:
             for name, ranked in report["top"].items():
@@ -187,27 +190,3 @@ def _write_outputs(out: Path, report, labels, parcel_labels, change, q, grid, ru
         return files
 
     write_report_folder(out, MARKER, KIND, fill, report)
-
-
-def _plot_map(carries: np.ndarray, q_map: np.ndarray, mask: np.ndarray, path: Path, name: str) -> None:
-    """Axial slices of the relative change; parcels with q < 0.05 are outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values, q_values = volume.to_volume(carries, mask), volume.to_volume(q_map, mask)
-    z_slices = [int(z) for z in np.linspace(mask.shape[2] * 0.2, mask.shape[2] * 0.8, 5)]
-    limit = float(np.abs(carries).max()) or 1.0
-    figure, axes = plt.subplots(1, len(z_slices), figsize=(3 * len(z_slices), 3.4))
-    for axis, z in zip(axes, z_slices):
-        image = axis.imshow(np.where(mask[:, :, z], values[:, :, z], np.nan).T, origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit)
-        significant = (q_values[:, :, z] < 0.05) & mask[:, :, z]
-        if significant.any():
-            axis.contour(significant.T.astype(float), levels=[0.5], colors="k", linewidths=0.8)
-        axis.set_title(f"z = {z}")
-        axis.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label=f"{name} loss, relative change when silenced")
-    figure.suptitle(f"what each parcel carries: {name} (outlined: q < 0.05)")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -1,8 +1,8 @@
 """`giblet evaluate RUN`: the trained brain layer against held-out TRs, beside a ridge baseline.
 
 Writes ``RUN/eval/``: ``metrics.json``, ``prediction_test.nii.gz`` (4-D, the test TRs,
-on the input grid, zeros outside the mask), ``r_map.nii.gz``, ``noise_ceiling.nii.gz``,
-``r_map.png`` and ``r_histogram.png``.
+on the input grid, zeros outside the mask), ``r_map.nii.gz``, ``r_map_<baseline>.nii.gz`` for each
+baseline, ``noise_ceiling.nii.gz``, ``r_map.png`` (drawn by ``giblet.eval.brainmaps``) and ``r_histogram.png``.
 """
 
 from __future__ import annotations
@@ -119,25 +119,16 @@ def _per_subject_truth(prediction: np.ndarray, truth_signal: np.ndarray, subject
             "model_over_noise_ceiling": model / loso, "noise_free_signal_over_noise_ceiling": perfect / loso}
 
 
-def _plots(r: np.ndarray, mask: np.ndarray, out: Path) -> None:
+def _plots(r: np.ndarray, store: Store, out: Path) -> None:
+    """``r_map.png`` (nilearn, on the anatomy ``brainmaps.background`` picks) and ``r_histogram.png``."""
     import matplotlib
 
-    from giblet.data.volume import to_volume
+    from giblet.eval.brainmaps import stat_map
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volume = to_volume(r, mask)
-    z_slices = [int(z) for z in np.linspace(mask.shape[2] * 0.3, mask.shape[2] * 0.7, 3)]
-    figure, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    for axis, z in zip(axes, z_slices):
-        shown = np.where(mask[:, :, z], volume[:, :, z], np.nan).T
-        image = axis.imshow(shown, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1)
-        axis.set_title(f"z = {z}")
-        axis.axis("off")
-    figure.colorbar(image, ax=axes, shrink=0.8, label="test r")
-    figure.savefig(out / "r_map.png", dpi=100)
-    plt.close(figure)
+    stat_map(r, store, out / "r_map.png", "test r per voxel", vmax=1.0)
     figure, axis = plt.subplots(figsize=(5, 3.4))
     axis.hist(r, bins=50, color="#4c72b0")
     axis.axvline(float(np.mean(r)), color="k", linestyle="--", label=f"mean {np.mean(r):.3f}")
@@ -225,6 +216,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     save_volume(prediction.T, grid, out / f"prediction_{split}.nii.gz", tr_s=store.tr_s)
     save_volume(r, grid, out / "r_map.nii.gz")
     save_volume(np.nan_to_num(ceiling), grid, out / "noise_ceiling.nii.gz")
-    _plots(r, mask, out)
+    for name in metrics["baselines"]:
+        save_volume(scores[name], grid, out / f"r_map_{name}.nii.gz")
+    _plots(r, store, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
