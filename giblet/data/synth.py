@@ -109,7 +109,6 @@ import subprocess
 import tempfile
 import time
 import warnings
-import wave
 import zlib
 import dataclasses
 from dataclasses import asdict, dataclass
@@ -922,21 +921,19 @@ class _SpeechTrack:
         self.spoken = 0
 
     def _clip(self, text: str) -> Optional[np.ndarray]:
+        import soundfile
+
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "speech.wav"
             try:
                 subprocess.run([self.executable, "-s", "170", "-w", str(path), text], check=True,
                                capture_output=True, timeout=60)
-                with wave.open(str(path)) as reader:
-                    rate, width, channels = reader.getframerate(), reader.getsampwidth(), reader.getnchannels()
-                    raw = reader.readframes(reader.getnframes())
-            except (OSError, subprocess.SubprocessError, wave.Error, EOFError) as error:
+                samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+            except (OSError, subprocess.SubprocessError, soundfile.SoundFileError) as error:
                 warnings.warn(f"espeak-ng failed ({error}); the movie has no speech from here on")
                 self.executable = None
                 return None
-        if width != 2:
-            return None
-        clip = np.frombuffer(raw, dtype="<i2").astype(np.float32).reshape(-1, channels).mean(axis=1) / 32768.0
+        clip = samples.mean(axis=1)
         divisor = math.gcd(self.sample_rate, rate)
         return resample_poly(clip, self.sample_rate // divisor, rate // divisor).astype(np.float32)
 

@@ -28,7 +28,6 @@ import math
 import os
 import secrets
 import shutil
-import wave
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -465,68 +464,49 @@ def _write_frames(path: Path, encoded, intact: SlotAverage, lesioned: SlotAverag
 
 def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     """Mono 16-bit PCM, peak-normalised to 0.9 (Griffin-Lim and a random EnCodec decoder give arbitrary levels)."""
+    import soundfile
+
     samples = np.asarray(samples, dtype=np.float64).reshape(-1)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0
     if peak > 0:
         samples = samples * (0.9 / peak)
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(int(rate))
-        writer.writeframes(np.round(samples * 32767).astype("<i2").tobytes())
+    # Converted here (x 32767, rounded to the nearest step): libsndfile's float conversion scales by 32768 and rounds down.
+    soundfile.write(str(path), np.round(samples * 32767).astype(np.int16), int(rate), subtype="PCM_16", format="WAV")
 
 
-def mel_to_magnitude(power_mel: np.ndarray, rate: int, n_fft: int) -> np.ndarray:
-    """Mel power ``(n_mels, T)`` -> STFT magnitude ``(n_fft // 2 + 1, T)``.
-
-    Each band's power is spread evenly over the frequencies it covers (its power per
-    unit of filter weight), and a frequency takes the filter-weighted mean of its
-    bands: non-negative and fast, where an exact non-negative least-squares inversion
-    takes minutes for a minute of audio.
-    """
-    import librosa
-
-    filters = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=power_mel.shape[0]).astype(np.float64)  # as the store made them
-    density = power_mel / np.maximum(filters.sum(axis=1), 1e-12)[:, None]
-    power = filters.T @ density / np.maximum(filters.sum(axis=0), 1e-12)[:, None]
-    return np.sqrt(np.maximum(power, 0.0))
-
-
-def griffin_lim(magnitude: np.ndarray, n_fft: int, hop: int, win_length: int, iterations: int = GRIFFIN_LIM_ITERATIONS,
-                momentum: float = 0.99, seed: int = 0) -> np.ndarray:
-    """Samples whose STFT magnitude approximates ``magnitude (n_fft // 2 + 1, T)`` (fast Griffin-Lim, seeded phases)."""
-    target = torch.from_numpy(np.ascontiguousarray(magnitude, dtype=np.float32))
-    window = torch.hann_window(win_length)
-    length = hop * (target.shape[1] - 1)
-    generator = torch.Generator().manual_seed(seed)
-    angles = torch.polar(torch.ones_like(target), 2 * math.pi * torch.rand(target.shape, generator=generator))
-    previous = torch.zeros_like(angles)
-    for _ in range(iterations):
-        samples = torch.istft(target * angles, n_fft, hop, win_length, window, length=length)
-        rebuilt = torch.stft(samples, n_fft, hop, win_length, window, return_complex=True)
-        angles = rebuilt - previous * (momentum / (1 + momentum))
-        angles = angles / angles.abs().clamp(min=1e-16)
-        previous = rebuilt
-    return torch.istft(target * angles, n_fft, hop, win_length, window, length=length).numpy()
-
-
-def mel_to_sound(decibels: np.ndarray, rate: int, hop: int, iterations: int = GRIFFIN_LIM_ITERATIONS) -> Tuple[np.ndarray, int]:
+def mel_to_sound(decibels: np.ndarray, rate: int, hop: int, iterations: int = GRIFFIN_LIM_ITERATIONS,
+                 seed: int = 0) -> Tuple[np.ndarray, int]:
     """(samples, sample rate) for log-mel frames ``(T, n_mels)`` made as ``giblet.data.audio.mel_spectrogram`` makes them.
 
-    Those frames do not overlap (each is a Hann window of ``hop`` samples), and Griffin-Lim
-    needs overlapping frames to find phases, so the magnitudes are interpolated onto a hop
-    of half the window. Audio at 32 kHz or more is rebuilt at half its rate (the same
-    frequency bins up to a quarter of the original rate, a quarter of the work).
+    The STFT magnitude is librosa's non-negative least-squares inverse of the store's mel filters (the same
+    ``n_fft``, the zero-padded FFT of each ``hop``-sample frame), then librosa's fast Griffin-Lim finds phases
+    (``iterations`` rounds, momentum 0.99, seeded random start: the same sound every call). The store's frames do
+    not overlap (each is a Hann window of ``hop`` samples), and Griffin-Lim needs overlapping frames to find
+    phases, so the magnitudes are interpolated onto a hop of half the window, each frame at its own centre.
+    Audio at 32 kHz or more is rebuilt at half its rate (the same frequency bins up to a quarter of the original
+    rate, a quarter of the work). ``T * hop`` samples (at the rebuilt rate: ``T * hop / 2``) come back.
     """
+    import librosa
+    from scipy.interpolate import interp1d
+
     n_fft = 1 << (2 * hop - 1).bit_length()
-    magnitude = mel_to_magnitude(10.0 ** (np.asarray(decibels, dtype=np.float64).T / 10.0), rate, n_fft)
+    power = librosa.db_to_power(np.asarray(decibels, dtype=np.float32).T)
+    magnitude = librosa.feature.inverse.mel_to_stft(power, sr=rate, n_fft=n_fft, power=2.0)
     factor = 2 if rate >= 32000 and rate % 2 == 0 and hop % 2 == 0 else 1
     n_fft, window, rate = n_fft // factor, hop // factor, rate // factor
-    magnitude = torch.from_numpy(magnitude[: n_fft // 2 + 1]).float()
+    magnitude = magnitude[: n_fft // 2 + 1]
+    frames = magnitude.shape[1]
     synthesis_hop = max(1, window // 2)
-    frames = int(math.ceil(magnitude.shape[1] * window / synthesis_hop))
-    magnitude = F.interpolate(magnitude[None], size=frames, mode="linear", align_corners=False)[0].numpy()
-    return griffin_lim(magnitude, n_fft, synthesis_hop, window, iterations), rate
+    # Griffin-Lim's frame j (centred STFT) is centred on sample j * synthesis_hop; the store's frame t on (t + 0.5) * window.
+    centres = np.arange(1 + frames * window // synthesis_hop) * synthesis_hop / window - 0.5
+    if frames > 1:
+        magnitude = interp1d(np.arange(frames), magnitude, axis=1, assume_sorted=True)(np.clip(centres, 0, frames - 1))
+    else:
+        magnitude = np.repeat(magnitude, centres.size, axis=1)
+    samples = librosa.griffinlim(magnitude.astype(np.float32), n_iter=iterations, hop_length=synthesis_hop,
+                                 win_length=window, n_fft=n_fft, window="hann", center=True, length=frames * window,
+                                 momentum=0.99, init="random", random_state=seed)
+    return samples, rate
 
 
 def _write_mel_audio(folder: Path, store: Store, scales: LossScales, intact: SlotAverage, lesioned: SlotAverage) -> Dict[str, object]:
@@ -547,7 +527,7 @@ def _write_mel_audio(folder: Path, store: Store, scales: LossScales, intact: Slo
         samples, rate = mel_to_sound(np.clip(values, low, high), int(manifest["sample_rate"]), hop)
         files[name] = f"audio_{name}.wav"
         _write_wav(folder / files[name], samples, rate)
-    return {"files": files, "method": f"Griffin-Lim ({GRIFFIN_LIM_ITERATIONS} iterations) of the decoded mel", "sample_rate": rate,
+    return {"files": files, "method": f"librosa: mel_to_stft, then Griffin-Lim ({GRIFFIN_LIM_ITERATIONS} iterations) of the decoded mel", "sample_rate": rate,
             "start_s": float(intact.times[0] - 0.5 / m["rate_hz"])}
 
 
