@@ -1,6 +1,7 @@
 # giblet: `make demo` sets everything up and runs the demo; `make test` runs the tests.
 #
 #   make install   .venv with pinned requirements (torch 2.14.1) + the native extension
+#                  (TORCH=cpu: torch 2.13.0's CPU build instead, ~1 GB of venv instead of ~6.6 GB)
 #   make build     rebuild the extension in place (incremental: seconds after editing one kernel)
 #   make test      pytest + the native ctest suite (CPU; CUDA tests skip without a GPU)
 #   make bench     `giblet bench` (op cases at Sherlock sizes + the training step), then the pytest-benchmark suite (benchmarks/)
@@ -17,6 +18,11 @@ export MAX_JOBS ?= $(JOBS)
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 # The venv's tools first: ninja (for setup.py and CMake) comes from requirements.txt.
 export PATH := $(abspath $(BIN)):$(PATH)
+# cuda: requirements.txt as pinned (torch 2.14.1, a CUDA 13.0 build of ~5.5 GB with its nvidia
+# libraries, which also runs on the CPU). cpu: torch 2.13.0's CPU build, for a machine short of disk;
+# the extension then holds CPU kernels only.
+TORCH ?= cuda
+TORCH_CPU_PIN := torch==2.13.0
 
 .PHONY: install build test test-python test-native bench demo cuda-compile clean
 
@@ -25,7 +31,12 @@ install: $(VENV)/.installed build
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements.txt
+	case "$(TORCH)" in \
+	  cuda) $(BIN)/pip install -r requirements.txt ;; \
+	  cpu) grep -v '^torch==' requirements.txt > $(VENV)/requirements-cpu.txt && \
+	       $(BIN)/pip install "$(TORCH_CPU_PIN)" -r $(VENV)/requirements-cpu.txt ;; \
+	  *) echo "TORCH=$(TORCH): expected cuda (torch 2.14.1, the default) or cpu (torch 2.13.0's CPU build)" >&2; exit 2 ;; \
+	esac
 	GIBLET_SKIP_EXT=1 $(BIN)/pip install --no-build-isolation --no-deps -e .
 	touch $@
 
