@@ -20,7 +20,9 @@ export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export PATH := $(abspath $(BIN)):$(PATH)
 # cuda: requirements.txt as pinned (torch 2.14.1, a CUDA 13.0 build of ~5.5 GB with its nvidia
 # libraries, which also runs on the CPU). cpu: torch 2.13.0's CPU build, for a machine short of disk;
-# the extension then holds CPU kernels only.
+# the extension then holds CPU kernels only. PyPI's torchaudio links torch's CUDA libraries, so its optional
+# C++ libraries cannot load beside the CPU build and are removed: torchaudio imports without them, and what
+# encodec uses of it (resampling, spectrograms) is Python on torch.
 TORCH ?= cuda
 TORCH_CPU_PIN := torch==2.13.0
 
@@ -34,7 +36,8 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	case "$(TORCH)" in \
 	  cuda) $(BIN)/pip install -r requirements.txt ;; \
 	  cpu) grep -v '^torch==' requirements.txt > $(VENV)/requirements-cpu.txt && \
-	       $(BIN)/pip install "$(TORCH_CPU_PIN)" -r $(VENV)/requirements-cpu.txt ;; \
+	       $(BIN)/pip install "$(TORCH_CPU_PIN)" -r $(VENV)/requirements-cpu.txt && \
+	       rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so ;; \
 	  *) echo "TORCH=$(TORCH): expected cuda (torch 2.14.1, the default) or cpu (torch 2.13.0's CPU build)" >&2; exit 2 ;; \
 	esac
 	GIBLET_SKIP_EXT=1 $(BIN)/pip install --no-build-isolation --no-deps -e .
