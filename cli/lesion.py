@@ -60,6 +60,11 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
     console.print(f"giblet lesion {escape(str(run))} --atlas {escape(atlas.name)}: {len(report['parcels'])} parcels, "
                   f"{report['voxels_in_parcels']:,} of {report['n_units']:,} units, {report['windows']} {split} windows, "
                   f"{len(report['null']['classes'])} null size classes x {permutations} random contiguous parcels")
+    reliability = report["reliability"]
+    console.print("map reliability (r over parcels, first vs second half of the windows; Spearman-Brown for the whole map): "
+                  + ", ".join(f"{name} " + ("-" if value["split_half_r"] is None else
+                                            f"{value['split_half_r']:.2f} ({format(value['spearman_brown'] or 0, '.2f')})")
+                              for name, value in reliability.items() if name in report["top"]))
     for name, ranked in report["top"].items():
         table = Table(title=f"parcels that carry most {name}")
         for column in ("label", "voxels", "relative change", "p", "q"):

@@ -491,6 +491,27 @@ def test_the_atlas_p_values_use_one_contiguous_null_per_size_class_and_q_is_benj
     assert np.all(q >= p - 1e-12) and np.all(q <= 1)
 
 
+def test_the_atlas_says_how_well_the_maps_of_the_two_halves_of_the_windows_agree(atlas_report, wired_run, tiny_store):
+    _, output, report = atlas_report
+    reliability = report["reliability"]
+    assert len(reliability["windows"]) == 2 and sum(reliability["windows"]) == report["windows"]
+    assert min(reliability["windows"]) >= report["windows"] // 3  # halves in time, not one batch against the rest
+    # The wired regions change their modality's loss in both halves and nothing else does: the halves agree.
+    for name in ("video", "audio"):
+        r = reliability[name]["split_half_r"]
+        assert r > 0.9, (name, r)
+        assert reliability[name]["spearman_brown"] == pytest.approx(2 * r / (1 + r))
+    assert reliability["text"]["split_half_r"] is None  # no parcel changes the text: nothing to correlate
+    assert "map reliability" in output
+    # Scoring the halves apart changes nothing of the whole block's losses.
+    model, store, _ = lesion_mod.load_run(wired_run, tiny_store.path)
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+    encoded = lesion_mod._encode(model, WindowDataset(store, "test", "cross_subject"))
+    whole = lesion_mod.modality_losses(model, loss, encoded)
+    for name, value in whole.items():
+        assert report["parcels"][0]["modalities"][name]["loss_intact"] == pytest.approx(value, rel=1e-5)
+
+
 def test_benjamini_hochberg_matches_the_step_up_rule():
     from giblet.eval.atlas import benjamini_hochberg
 

@@ -98,11 +98,17 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     dataset = WindowDataset(store, split, "cross_subject", window_index(store))
     loss = GibletLoss(scales=LossScales.from_store(store, model))
     encoded = _encode(model, dataset)
-    intact = modality_losses(model, loss, encoded)
-
     members = torch.from_numpy(labels[None, :] == parcel_labels[:, None])  # (P, V) bool
     sizes = members.sum(dim=1).numpy()
-    lesioned = lesion_losses(model, loss, encoded, members, progress, f"{len(parcel_labels)} parcels")
+    # Each half of the windows (in time) scored on its own: the whole block's losses are their weighted mean, and how
+    # well the halves' maps agree says how much of the map is the block's own noise.
+    halves = [h for h in _halves(encoded) if h]
+    counts = [sum(brain.shape[0] for _, brain, _ in h) for h in halves]
+    scored = [(modality_losses(model, loss, h), lesion_losses(model, loss, h, members, progress, f"{len(parcel_labels)} parcels, "
+                                                               f"windows part {i + 1}/{len(halves)}")) for i, h in enumerate(halves)]
+    intact = {name: sum(n * part[0][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][0]}
+    lesioned = {name: sum(n * part[1][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][1]}
+    reliability = _split_half(scored, counts)
     class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
     nulls: List[Dict[str, List[float]]] = []
     with bar("nulls", total=len(class_sizes), show=progress) as progress_bar:
@@ -149,6 +155,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
                         for c, size in enumerate(class_sizes)],
         },
         "top": top,
+        "reliability": reliability,
         "split": split,
         "windows": len(dataset),
         "trs": [int(t) for t in store.splits[split]],
@@ -190,3 +197,31 @@ def _write_outputs(out: Path, report, labels, parcel_labels, change, q, store, r
         return files
 
     write_report_folder(out, MARKER, KIND, fill, report)
+
+
+def _halves(encoded: List) -> List[List]:
+    """The encoded batches in two groups, the first and second half of the windows in time (one group when there is
+    a single batch)."""
+    total = sum(brain.shape[0] for _, brain, _ in encoded)
+    first, seen = [], 0
+    for item in encoded:
+        if seen and seen + item[1].shape[0] / 2 > total / 2:
+            break
+        first.append(item)
+        seen += item[1].shape[0]
+    return [first, encoded[len(first):]]
+
+
+def _split_half(scored, counts) -> Dict[str, object]:
+    """Per modality, Pearson's r over parcels between the two halves' relative changes, and the Spearman-Brown
+    reliability of the whole block's map, ``2r / (1 + r)``; None where there is one half or the changes are constant."""
+    out: Dict[str, object] = {"windows": [int(n) for n in counts],
+                              "how": "the parcels' relative changes on the first vs the second half of the windows"}
+    for name in scored[0][0]:
+        r = None
+        if len(scored) == 2:
+            a, b = ([relative_change(intact[name], float(v)) for v in lesioned[name]] for intact, lesioned in scored)
+            if np.std(a) > 0 and np.std(b) > 0:
+                r = float(np.corrcoef(a, b)[0, 1])
+        out[name] = {"split_half_r": r, "spearman_brown": None if r is None else 2 * r / (1 + r) if r > -1 else None}
+    return out

@@ -269,6 +269,13 @@ def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
              f"{report['windows']} {_e(report['split'])} windows; p from {null.get('permutations', '-')} random contiguous "
              f"parcels of matched size per size class, q by Benjamini-Hochberg over parcels x modalities. "
              f"Relative change: how much the reconstruction loss rises when the parcel is silenced.</p>"]
+    reliability = report.get("reliability")
+    if reliability:
+        values = [f"{_e(n)} {_number(reliability[n]['split_half_r'], '.2f')} (whole map {_number(reliability[n]['spearman_brown'], '.2f')})"
+                  for n in report["top"] if n in reliability]
+        parts.append("<p>How reproducible the map is: r over parcels between the relative changes on the first and the second "
+                     f"half of the windows ({' + '.join(map(str, reliability['windows']))}): {', '.join(values)}. A map whose halves "
+                     "disagree is mostly the held-out block's own noise: score more windows before reading single parcels.</p>")
     if len(folders) > 1:
         parts.append(f"<p>Other atlas lesions in this run: {_e(', '.join(f.name for f in folders[:-1]))}.</p>")
     for name, ranked in report["top"].items():
