@@ -62,9 +62,8 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
                   f"{len(report['null']['classes'])} null size classes x {permutations} random contiguous parcels")
     reliability = report["reliability"]
     console.print("map reliability (r over parcels, first vs second half of the windows; Spearman-Brown for the whole map): "
-                  + ", ".join(f"{name} " + ("-" if value["split_half_r"] is None else
-                                            f"{value['split_half_r']:.2f} ({format(value['spearman_brown'] or 0, '.2f')})")
-                              for name, value in reliability.items() if name in report["top"]))
+                  + ", ".join(f"{name} {_two_places(reliability[name]['split_half_r'])} ({_two_places(reliability[name]['spearman_brown'])})"
+                              for name in report["top"] if name in reliability))
     for name, ranked in report["top"].items():
         table = Table(title=f"parcels that carry most {name}")
         for column in ("label", "voxels", "relative change", "p", "q"):
@@ -78,3 +77,7 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
     console.print(f"report in {escape(report['out'])}: atlas.json, " + ", ".join(
         f"{files['carries']}, {files['q']}, {files['png']}" + (f", {files['top_report']}/" if "top_report" in files else "")
         for files in report["files"].values()))
+
+
+def _two_places(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"

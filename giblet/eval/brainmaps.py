@@ -44,10 +44,10 @@ def background(store: Store) -> Tuple[object, str]:
     return nib.Nifti1Image(mask.astype(np.float32), affine), "the brain mask (a store made before the mean image was kept)"
 
 
-def _threshold(threshold: Optional[float], limit: float) -> float:
+def _threshold(threshold: Optional[float]) -> float:
     """The given threshold, or one just above 0: the volume holds 0 outside the mask, which a diverging colour map
     would otherwise paint as a white box over the anatomy."""
-    return threshold if threshold is not None else 1e-6 * limit
+    return threshold if threshold is not None else 1e-6
 
 
 def _limit(values: np.ndarray, vmax: Optional[float]) -> float:
@@ -72,8 +72,8 @@ def stat_map(values: np.ndarray, store: Store, path: PathLike, title: str, vmax:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nilearn's notes on resampling and non-diagonal affines say nothing wrong
         display = plotting.plot_stat_map(_image(values, store.mask()), bg_img=bg, display_mode="z", cut_coords=CUTS,
-                                         figure=figure, title=title, vmax=_limit(values, vmax),
-                                         threshold=_threshold(threshold, _limit(values, vmax)), cmap=cmap,
+                                         figure=figure, title=title, vmax=_limit(values, vmax), threshold=_threshold(threshold),
+                                         cmap=cmap,
                                          colorbar=True, draw_cross=False, black_bg=False)
         if outline is not None and np.any(outline):
             display.add_contours(_image(np.asarray(outline, dtype=np.float32), store.mask()), levels=[0.5], colors="k",
@@ -99,8 +99,7 @@ def glass_brain(values: np.ndarray, store: Store, path: PathLike, title: str, vm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plotting.plot_glass_brain(_image(values, store.mask()), figure=figure, title=title, vmax=_limit(values, vmax),
-                                  threshold=_threshold(threshold, _limit(values, vmax)), colorbar=True, plot_abs=False,
-                                  cmap="RdBu_r")
+                                  threshold=_threshold(threshold), colorbar=True, plot_abs=False, cmap="RdBu_r")
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return path
@@ -116,7 +115,7 @@ def interactive_map(values: np.ndarray, store: Store, path: PathLike, title: str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         view = plotting.view_img(_image(values, store.mask()), bg_img=bg, title=title, vmax=_limit(values, vmax),
-                                 threshold=threshold if threshold is not None else 1e-6, symmetric_cmap=True,
+                                 threshold=_threshold(threshold), symmetric_cmap=True,
                                  cmap="RdBu_r", black_bg=False, colorbar=True)
     view.save_as_html(str(path))
     return path
