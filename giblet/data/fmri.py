@@ -1,4 +1,5 @@
-"""fMRI: 4-D NIfTI subjects, the shared voxel mask, voxel time series and train-only z-scoring.
+"""fMRI: 4-D NIfTI subjects, the shared voxel mask, voxel time series, train-only z-scoring and the per-voxel
+correlation over time that every score and fit quality uses.
 
 A Sherlock subject is 61x73x61x1976 int16 (about 1 GB as float32), so data are read in
 their stored dtype and scaled in float32; no float64 copy of a 4-D array is ever made.
@@ -285,6 +286,18 @@ def zscore(series: np.ndarray, train_trs) -> Tuple[np.ndarray, np.ndarray, np.nd
             means[columns] = mean
             stds[columns] = std
     return z, means, stds
+
+
+def pearson_r(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-column Pearson r over rows: ``(T, V), (T, V) -> (V,)``; 0 where either column is constant."""
+    p = np.asarray(prediction, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    p = p - p.mean(axis=0)
+    t = t - t.mean(axis=0)
+    denominator = np.sqrt((p * p).sum(axis=0) * (t * t).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * t).sum(axis=0) / denominator
+    return np.where(denominator > 0, r, 0.0)
 
 
 def space_of(path: PathLike) -> str:

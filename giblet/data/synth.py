@@ -122,6 +122,7 @@ from scipy.signal import resample_poly
 from scipy.sparse.csgraph import dijkstra
 
 from giblet.data.alignment import convolve_hrf
+from giblet.data.fmri import pearson_r
 from giblet.errors import ConfigError, DataError
 from giblet.progress import bar
 
@@ -893,17 +894,8 @@ def _write_subjects(folder: Path, world: _World, show: Optional[bool]) -> np.nda
             nib.save(image, str(folder / FMRI_PATTERN.format(subject=subject + 1)))
             del image, volume
             progress_bar.advance(1)
-    return _correlation_per_column(world.signal[:movie_trs], group_sum / np.maximum(group_count, 1)[:, None])
-
-
-def _correlation_per_column(truth: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """Pearson r of each column pair; 0 where the truth is constant (noise-only voxels)."""
-    truth = truth.astype(np.float64) - truth.mean(axis=0)
-    measured = measured - measured.mean(axis=0)
-    denominator = np.sqrt((truth**2).sum(axis=0) * (measured**2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (truth * measured).sum(axis=0) / denominator
-    return np.where(denominator > 0, r, 0.0)
+    # 0 where the truth is constant (noise-only voxels).
+    return pearson_r(world.signal[:movie_trs], group_sum / np.maximum(group_count, 1)[:, None])
 
 
 # --------------------------------------------------------------------------- the movie
