@@ -141,3 +141,11 @@ def test_blended_targets_mix_each_response_with_the_teachers_row_for_its_tr(tiny
         dataset.blend_targets(teacher[1:], 0.5)
     with pytest.raises(ValueError, match=r"teacher weight 1.5; expected a share in \[0, 1\]"):
         dataset.blend_targets(teacher, 1.5)
+    # An offset per TR (the linear branch's in-sample minus cross-fitted fit) adds to the blended target.
+    offset = np.random.default_rng(1).standard_normal((dataset.trs.size, tiny_store.n_voxels)).astype(np.float32)
+    dataset.offset_targets(offset)
+    moved = dataset.batch(items)
+    np.testing.assert_allclose(moved["fmri"].numpy(), blended["fmri"].numpy() + offset[moved["tr"].numpy() - dataset.trs[0]],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"target offsets have shape"):
+        dataset.offset_targets(offset[:, 1:])

@@ -129,10 +129,16 @@ def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teac
     for split in ("train", "val", "test"):
         start, stop = tiny_store.splits[split]
         assert close_to(regressors[start:stop] @ prior.weight + prior.bias, predictions[split]), split
+    # The teacher and the branch's offset on the training TRs: the same fit's cross-fitted predictions of them.
+    start, stop = tiny_store.splits["train"]
+    model = BandedRidge(tiny_store.tr_s, "glover", n_iter=5).fit(parts, tiny_store.fmri_mean(), rows=slice(start, stop))
+    np.testing.assert_array_equal(prior.cross_fit, model.predict_cross_fitted(tiny_store.fmri_mean(), rows=slice(start, stop)))
+    group = np.asarray(tiny_store.fmri_mean()[start:stop], dtype=np.float32)
+    assert pearson_r(prior.cross_fit, group).mean() < pearson_r(prior.fit, group).mean()  # it has not seen them
     only_branch = linear_prior(tiny_store, parts, "glover", teacher=False, n_iter=5)
-    assert only_branch.fit is None and np.array_equal(only_branch.weight, prior.weight)
+    assert np.array_equal(only_branch.weight, prior.weight) and np.array_equal(only_branch.cross_fit, prior.cross_fit)
     neither = linear_prior(tiny_store, parts, "glover", branch=False, teacher=False)
-    assert neither.weight is None and neither.fit is None and neither.shares is None  # nothing asked, nothing fit
+    assert neither.weight is None and neither.fit is None and neither.cross_fit is None and neither.shares is None
 
 
 def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):
@@ -153,3 +159,36 @@ def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_wher
     single = fit_splits(tiny_store, HrfRidge(tiny_store.tr_s, "glover"), features, ("test",), target)["test"]
     truth = clean[start:stop].astype(np.float32)
     assert pearson_r(predictions["test"], truth).mean() > pearson_r(single, truth).mean() + 0.05
+
+
+def test_the_banded_ridge_s_cross_fitted_predictions_hold_each_block_out_of_its_own_fit():
+    """Out-of-fold predictions of the fit rows: no noise absorbed where the in-sample fit absorbs it, and each
+    block is the ridge (same per-voxel block weights and shrinkage) refit without it and its gap."""
+    rng = np.random.default_rng(3)
+    n = 300
+    blocks = {"a": rng.normal(size=(n, 20)), "b": rng.normal(size=(n, 50))}
+    signal = blocks["a"] @ rng.normal(size=(20, 30))
+    y = np.concatenate([responses(signal, rng, noise=1.0), rng.normal(size=(n, 30)).astype(np.float32)], axis=1)
+    model = BandedRidge(n_iter=10).fit(blocks, y, rows=slice(0, n))
+    in_sample = model.predict(blocks, rows=slice(0, n))
+    crossed = model.predict_cross_fitted(y, rows=slice(0, n), folds=5, gap=5)
+    assert crossed.shape == (n, 60) and crossed.dtype == np.float32
+    noise = slice(30, 60)
+    assert pearson_r(in_sample[:, noise], y[:, noise]).mean() > 0.2  # the in-sample fit has learnt the noise
+    assert abs(pearson_r(crossed[:, noise], y[:, noise]).mean()) < 0.05  # held out, it has not
+    assert pearson_r(crossed[:, :30], signal).mean() > 0.9
+    # One voxel, one block, solved directly: rows 120-180 from the other rows less 5 each side.
+    kernels = np.stack([x.astype(np.float64) @ x.T.astype(np.float64) for x in model.fit_blocks_.values()])
+    voxel, keep = 7, np.r_[0:115, 185:n]
+    kernel = np.tensordot(np.exp(np.asarray(model.model_.deltas_, dtype=np.float64)[:, voxel]), kernels, axes=1)
+    target = y[keep, voxel].astype(np.float64)
+    dual = np.linalg.solve(kernel[np.ix_(keep, keep)] + np.eye(keep.size), target - target.mean())
+    np.testing.assert_allclose(crossed[120:180, voxel], kernel[120:180][:, keep] @ dual + target.mean(), rtol=1e-4, atol=1e-4)
+    # All rows kept, the same solve is the fit itself: the block weights carry the shrinkage as fit chose it.
+    whole = kernel @ np.linalg.solve(kernel + np.eye(n), y[:, voxel] - y[:, voxel].mean()) + y[:, voxel].mean()
+    np.testing.assert_allclose(whole, in_sample[:, voxel], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="expected the 300 fit rows"):
+        model.predict_cross_fitted(y[:40], rows=slice(0, 40))
+    short = BandedRidge(n_iter=2).fit(blocks, y, rows=slice(0, 40))
+    with pytest.raises(ValueError, match="cannot be cut into 5 folds"):
+        short.predict_cross_fitted(y, rows=slice(0, 40))

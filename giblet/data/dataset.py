@@ -148,6 +148,7 @@ class WindowDataset(Dataset):
         self._targets = store.fmri_mean() if mode == "cross_subject" else store.fmri()
         self._teacher: Optional[np.ndarray] = None
         self._teacher_weight = 0.0
+        self._offset: Optional[np.ndarray] = None
 
     def blend_targets(self, teacher: np.ndarray, weight: float) -> None:
         """From now on each sample's target is ``(1 - weight) x`` its response ``+ weight x teacher[t]``.
@@ -161,6 +162,13 @@ class WindowDataset(Dataset):
         if not 0 <= weight <= 1:
             raise ValueError(f"teacher weight {weight}; expected a share in [0, 1]")
         self._teacher, self._teacher_weight = teacher, float(weight)
+
+    def offset_targets(self, offset: np.ndarray) -> None:
+        """From now on ``offset[t]`` (``(TRs of the split, n_voxels)``) is added to each sample's target."""
+        offset = np.asarray(offset, dtype=np.float32)
+        if offset.shape != (self.trs.size, self.store.n_voxels):
+            raise ValueError(f"target offsets have shape {offset.shape}; expected ({self.trs.size}, {self.store.n_voxels})")
+        self._offset = offset
 
     def __len__(self) -> int:
         return self.trs.size if self.mode == "cross_subject" else int(self._pairs[0].size)
@@ -185,6 +193,8 @@ class WindowDataset(Dataset):
         if self._teacher is not None:
             w = self._teacher_weight
             rows = (1 - w) * rows + w * self._teacher[trs - self.trs[0]]
+        if self._offset is not None:
+            rows = rows + self._offset[trs - self.trs[0]]
         index = self.index
         batch = {
             "tr": torch.from_numpy(trs),

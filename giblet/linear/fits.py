@@ -54,13 +54,17 @@ def banded_linear_map(store: Store, parts: Dict[str, np.ndarray], hrf: str, targ
 @dataclass(frozen=True)
 class LinearPrior:
     """What training starts from. ``weight (features, voxels)``, ``bias (voxels,)`` float32: the banded ridge as
-    one linear map on ``hrf_regressors`` (``model.set_linear_branch``), None without a branch. ``fit (train
-    TRs, voxels)`` float32: the banded ridge's in-sample fit of the training TRs (``WindowDataset.blend_targets``),
-    None without a teacher. ``shares``: the banded ridge's block weight shares, None when it was not fit."""
+    one linear map on ``hrf_regressors`` (``model.set_linear_branch``), None without a branch. ``fit`` and
+    ``cross_fit (train TRs, voxels)`` float32: the banded ridge's in-sample fit of the training TRs and its
+    cross-fitted predictions of them (``BandedRidge.predict_cross_fitted``: each TR predicted by a refit that did
+    not see it); ``fit - cross_fit`` is what the branch gives a training TR beyond what it gives a new one
+    (``WindowDataset.offset_targets``), ``cross_fit`` the teacher (``WindowDataset.blend_targets``). ``shares``:
+    the banded ridge's block weight shares. All None when neither a branch nor a teacher asked for the fit."""
 
     weight: Optional[np.ndarray]
     bias: Optional[np.ndarray]
     fit: Optional[np.ndarray]
+    cross_fit: Optional[np.ndarray]
     shares: Optional[Dict[str, float]]
 
 
@@ -70,17 +74,18 @@ def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: b
     (``regressor_parts``) through ``hrf``: one banded ridge, fit on the train TRs of ``target`` (default: the
     group mean), when either needs it.
 
-    The branch is its ``linear_map()`` and the teacher its ``predict`` on the training TRs (the kernel form, as
+    The branch is its ``linear_map()``; ``fit`` its ``predict`` on the training TRs (the kernel form, as
     ``banded_ridge`` predicts; ``hrf_regressors @ weight + bias`` differs from it by the float32 rounding of the
     kernels, ~1e-4 of the spread). Seeded: every process computes the same prior from the same store.
     """
-    weight = bias = fit = shares = None
+    weight = bias = fit = cross_fit = shares = None
     if branch or teacher:
         train = slice(*store.splits["train"])
-        banded = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs).fit(parts, _target(store, target), rows=train)
+        y = _target(store, target)
+        banded = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs).fit(parts, y, rows=train)
         shares = banded.block_shares_
         if branch:
             weight, bias = banded.linear_map()
-        if teacher:
-            fit = banded.predict(parts, rows=train)
-    return LinearPrior(weight, bias, fit, shares)
+        fit = banded.predict(parts, rows=train)
+        cross_fit = banded.predict_cross_fitted(y, rows=train)
+    return LinearPrior(weight, bias, fit, cross_fit, shares)

@@ -157,6 +157,36 @@ class BandedRidge:
         self.block_shares_ = {name: float(share) for name, share in zip(X, self.block_weights_.mean(axis=1))}
         return self
 
+    def predict_cross_fitted(self, Y: np.ndarray, rows: Rows = None, folds: int = 5, gap: int = 5) -> np.ndarray:
+        """Out-of-fold predictions ``(fit rows, voxels)`` float32 of the fit rows: the fit rows cut into ``folds``
+        contiguous blocks, each predicted by the ridge refit on the others (less ``gap`` rows each side of the
+        block, as the response's autocorrelation would leak it) with each voxel's block weights and shrinkage as
+        ``fit`` chose them. ``Y`` and ``rows`` as given to ``fit``. What the fit misses on new data, where the
+        in-sample fit has already absorbed part of the noise."""
+        y = np.asarray(Y)[_rows(rows)].astype(np.float64)
+        n = next(iter(self.fit_blocks_.values())).shape[0]
+        if y.shape != (n, self.offset_.size):
+            raise ValueError(f"responses of shape {y.shape} at these rows; expected the {n} fit rows x {self.offset_.size} voxels given to fit")
+        if folds < 2 or n < folds * (2 * gap + 2):
+            raise ValueError(f"{n} fit rows cannot be cut into {folds} folds with a gap of {gap} rows")
+        kernels = np.stack([x.astype(np.float64) @ x.T.astype(np.float64) for x in self.fit_blocks_.values()])
+        deltas = np.asarray(self.model_.deltas_, dtype=np.float64)  # (blocks, voxels)
+        # Voxels share a handful of (block weights, shrinkage) choices of the random search: one solve per choice.
+        choices, group = np.unique(deltas.T, axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        out = np.empty_like(y)
+        edges = np.linspace(0, n, folds + 1).round().astype(int)
+        for c, log_weights in enumerate(choices):
+            voxels = np.flatnonzero(group == c)
+            kernel = np.tensordot(np.exp(log_weights), kernels, axes=1)
+            for start, stop in zip(edges[:-1], edges[1:]):
+                keep = np.r_[0:max(start - gap, 0), min(stop + gap, n):n]
+                target = y[keep][:, voxels]
+                mean = target.mean(axis=0)
+                dual = np.linalg.solve(kernel[np.ix_(keep, keep)] + np.eye(keep.size), target - mean)
+                out[start:stop, voxels] = kernel[start:stop][:, keep] @ dual + mean
+        return out.astype(np.float32)
+
     def predict(self, X: Dict[str, np.ndarray], rows: Rows = None) -> np.ndarray:
         """Predictions ``(rows, voxels)`` float32 for ``rows`` of the blocks ``X``, in kernel form."""
         blocks = self._standardized({name: self._regressors(name, part) for name, part in X.items()})

@@ -246,8 +246,12 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
                              branch=m.linear_branch, teacher=teacher)
         if m.linear_branch:
             model.set_linear_branch(prior.weight, prior.bias)
+            # On a training TR the branch gives its in-sample fit, which has absorbed part of that TR's noise; on
+            # new TRs it will not. Each training target moves by (in-sample - cross-fitted), so the network learns
+            # what the linear model misses on TRs it has not seen.
+            train_set.offset_targets(prior.fit - prior.cross_fit)
         if teacher:
-            train_set.blend_targets(prior.fit, config.loss.fmri_teacher)
+            train_set.blend_targets(prior.cross_fit, config.loss.fmri_teacher)
     # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
     # and never changes in training: nothing to broadcast each step.
     use_cuda = procs.device.type == "cuda"
