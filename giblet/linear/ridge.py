@@ -179,9 +179,10 @@ class BandedRidge:
         for c, log_weights in enumerate(choices):
             voxels = np.flatnonzero(group == c)
             kernel = np.tensordot(np.exp(log_weights), kernels, axes=1)
+            responses = y[:, voxels]  # once per choice: y[keep] would copy every voxel for each fold
             for start, stop in zip(edges[:-1], edges[1:]):
                 keep = np.r_[0:max(start - gap, 0), min(stop + gap, n):n]
-                target = y[keep][:, voxels]
+                target = responses[keep]
                 mean = target.mean(axis=0)
                 dual = np.linalg.solve(kernel[np.ix_(keep, keep)] + np.eye(keep.size), target - mean)
                 out[start:stop, voxels] = kernel[start:stop][:, keep] @ dual + mean
