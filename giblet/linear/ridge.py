@@ -163,7 +163,7 @@ class BandedRidge:
         block, as the response's autocorrelation would leak it) with each voxel's block weights and shrinkage as
         ``fit`` chose them. ``Y`` and ``rows`` as given to ``fit``. What the fit misses on new data, where the
         in-sample fit has already absorbed part of the noise."""
-        y = np.asarray(Y)[_rows(rows)].astype(np.float64)
+        y = np.asarray(Y)[_rows(rows)]
         n = next(iter(self.fit_blocks_.values())).shape[0]
         if y.shape != (n, self.offset_.size):
             raise ValueError(f"responses of shape {y.shape} at these rows; expected the {n} fit rows x {self.offset_.size} voxels given to fit")
@@ -174,19 +174,21 @@ class BandedRidge:
         # Voxels share a handful of (block weights, shrinkage) choices of the random search: one solve per choice.
         choices, group = np.unique(deltas.T, axis=0, return_inverse=True)
         group = group.reshape(-1)
-        out = np.empty_like(y)
+        # float32 out and float64 one choice at a time: no float64 copy of every voxel's responses (490 MB at
+        # Sherlock size's 716 x 85,810, on each process).
+        out = np.empty(y.shape, dtype=np.float32)
         edges = np.linspace(0, n, folds + 1).round().astype(int)
         for c, log_weights in enumerate(choices):
             voxels = np.flatnonzero(group == c)
             kernel = np.tensordot(np.exp(log_weights), kernels, axes=1)
-            responses = y[:, voxels]  # once per choice: y[keep] would copy every voxel for each fold
+            responses = y[:, voxels].astype(np.float64)  # once per choice: y[keep] would copy every voxel per fold
             for start, stop in zip(edges[:-1], edges[1:]):
                 keep = np.r_[0:max(start - gap, 0), min(stop + gap, n):n]
                 target = responses[keep]
                 mean = target.mean(axis=0)
                 dual = np.linalg.solve(kernel[np.ix_(keep, keep)] + np.eye(keep.size), target - mean)
                 out[start:stop, voxels] = kernel[start:stop][:, keep] @ dual + mean
-        return out.astype(np.float32)
+        return out
 
     def predict(self, X: Dict[str, np.ndarray], rows: Rows = None) -> np.ndarray:
         """Predictions ``(rows, voxels)`` float32 for ``rows`` of the blocks ``X``, in kernel form."""
