@@ -60,19 +60,22 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
     console.print(f"giblet lesion {escape(str(run))} --atlas {escape(atlas.name)}: {len(report['parcels'])} parcels, "
                   f"{report['voxels_in_parcels']:,} of {report['n_units']:,} units, {report['windows']} {split} windows, "
                   f"{len(report['null']['classes'])} null size classes x {permutations} random contiguous parcels")
+    whole = report["whole_brain"]
+    console.print("the whole brain silenced (every layer-7 unit; a parcel's share_of_brain is its part of this): "
+                  + ", ".join(f"{name} {whole[name]['relative_change']:+.2%}" for name in report["top"] if name in whole))
     reliability = report["reliability"]
     console.print("map reliability (r over parcels, first vs second half of the windows; Spearman-Brown for the whole map): "
                   + ", ".join(f"{name} {_two_places(reliability[name]['split_half_r'])} ({_two_places(reliability[name]['spearman_brown'])})"
                               for name in report["top"] if name in reliability))
     for name, ranked in report["top"].items():
         table = Table(title=f"parcels that carry most {name}")
-        for column in ("label", "voxels", "relative change", "p", "q"):
+        for column in ("label", "voxels", "relative change", "share of brain", "p", "q"):
             table.add_column(column, justify="right")
         for label in ranked[:5]:
             values = by_label[label]["modalities"][name]
-            p, q = values["p_value"], values["q_value"]
+            p, q, share = values["p_value"], values["q_value"], values["share_of_brain"]
             table.add_row(str(label), str(by_label[label]["voxels"]), f"{values['relative_change']:+.2%}",
-                          "-" if p is None else f"{p:.3f}", "-" if q is None else f"{q:.3f}")
+                          "-" if share is None else f"{share:+.1%}", "-" if p is None else f"{p:.3f}", "-" if q is None else f"{q:.3f}")
         console.print(table)
     console.print(f"report in {escape(report['out'])}: atlas.json, " + ", ".join(
         f"{files['carries']}, {files['q']}, {files['png']}" + (f", {files['top_report']}/" if "top_report" in files else "")

@@ -512,6 +512,29 @@ def test_the_atlas_says_how_well_the_maps_of_the_two_halves_of_the_windows_agree
         assert report["parcels"][0]["modalities"][name]["loss_intact"] == pytest.approx(value, rel=1e-5)
 
 
+def test_the_atlas_reads_each_parcel_against_the_whole_brain_silenced(atlas_report, wired_run, tiny_store):
+    _, output, report = atlas_report
+    whole = report["whole_brain"]
+    model, store, _ = lesion_mod.load_run(wired_run, tiny_store.path)
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+    encoded = lesion_mod._encode(model, WindowDataset(store, "test", "cross_subject"))
+    silenced = lesion_mod.modality_losses(model, loss, encoded, torch.ones(model.n_units, dtype=torch.bool))
+    for name, value in silenced.items():
+        assert whole[name]["loss_silenced"] == pytest.approx(value, rel=1e-5)
+        assert whole[name]["relative_change"] == pytest.approx((value - whole[name]["loss_intact"]) / whole[name]["loss_intact"])
+    by_label = {parcel["label"]: parcel for parcel in report["parcels"]}
+    # The wired audio head reads region 1 only, the video head region 2 only: silencing the region is silencing all the
+    # decoder reads for that modality, its whole share; the other region's share is nothing.
+    for name, label, other in (("audio", 1, 2), ("video", 2, 1)):
+        assert whole[name]["relative_change"] > 0
+        assert by_label[label]["modalities"][name]["share_of_brain"] == pytest.approx(1.0, abs=1e-3)
+        assert abs(by_label[other]["modalities"][name]["share_of_brain"]) < 1e-3
+    # The text reads nothing from layer 7: silencing the whole brain changes nothing, and no parcel has a share.
+    assert whole["text"]["relative_change"] == 0
+    assert all(parcel["modalities"]["text"]["share_of_brain"] is None for parcel in report["parcels"])
+    assert "whole brain silenced" in output
+
+
 def test_benjamini_hochberg_matches_the_step_up_rule():
     from giblet.eval.atlas import benjamini_hochberg
 

@@ -12,8 +12,11 @@ Benjamini-Hochberg adjustment over all parcels x modalities.
 Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
 
 - ``atlas.json``: ``{"parcels": [{"label", "voxels", "size_class", "modalities": {"video": {"loss_intact",
-  "loss_lesioned", "relative_change", "p_value", "q_value"}, ...}}], "null": {...}, "top": {...}, "split",
-  "windows", ...}``;
+  "loss_lesioned", "relative_change", "p_value", "q_value", "share_of_brain"}, ...}}], "null": {...}, "top": {...},
+  "whole_brain": {"video": {"loss_intact", "loss_silenced", "relative_change"}, ...}, "reliability", "split",
+  "windows", ...}``. ``whole_brain`` is every layer-7 unit silenced at once: how much of each reconstruction the
+  decoder reads from the brain at all on these windows, the scale of every parcel's change (``share_of_brain``:
+  the parcel's loss increase over the whole brain's);
 - ``carries_<modality>.nii.gz`` (each voxel: its parcel's relative change; 0 outside the atlas) and
   ``q_<modality>.nii.gz`` (its parcel's q; 1 outside);
 - ``carries_<modality>.png``: the map on axial slices (``giblet.eval.brainmaps``), parcels with q < 0.05 outlined;
@@ -65,6 +68,14 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(p))
 
 
+def share_of_brain(intact: float, lesioned: float, silenced: float) -> Optional[float]:
+    """A parcel's loss increase as a fraction of the whole brain's (every layer-7 unit silenced), or None where
+    silencing the whole brain raises the loss by nothing: then the decoder reads nothing from layer 7 on these
+    windows, and no parcel's change is more than noise."""
+    gain = silenced - intact
+    return float((lesioned - intact) / gain) if gain > 0 else None
+
+
 def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None, store_path: Optional[PathLike] = None,
                  permutations: int = 39, split: str = "test", seed: int = 0, reports: bool = True,
                  progress: Optional[bool] = None) -> Dict[str, object]:
@@ -104,11 +115,21 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     # well the halves' maps agree says how much of the map is the block's own noise.
     halves = [h for h in _halves(encoded) if h]
     counts = [sum(brain.shape[0] for _, brain, _ in h) for h in halves]
-    scored = [(modality_losses(model, loss, h), lesion_losses(model, loss, h, members, progress, f"{len(parcel_labels)} parcels, "
-                                                               f"windows part {i + 1}/{len(halves)}")) for i, h in enumerate(halves)]
+    # One more lesion beside the parcels: every unit of layer 7 silenced. What the whole brain gives each
+    # reconstruction on these windows is the scale a parcel's change is read against (share_of_brain).
+    everything = torch.ones(1, members.shape[1], dtype=torch.bool)
+    scored = []
+    for i, h in enumerate(halves):
+        losses = lesion_losses(model, loss, h, torch.cat([members, everything]), progress,
+                               f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
+        scored.append((modality_losses(model, loss, h), {name: value[:-1] for name, value in losses.items()},
+                       {name: float(value[-1]) for name, value in losses.items()}))
     intact = {name: sum(n * part[0][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][0]}
     lesioned = {name: sum(n * part[1][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][1]}
-    reliability = _split_half(scored, counts)
+    silenced = {name: sum(n * part[2][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][2]}
+    whole_brain = {name: {"loss_intact": intact[name], "loss_silenced": silenced[name],
+                          "relative_change": relative_change(intact[name], silenced[name])} for name in intact}
+    reliability = _split_half([part[:2] for part in scored], counts)
     class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
     nulls: List[Dict[str, List[float]]] = []
     with bar("nulls", total=len(class_sizes), show=progress) as progress_bar:
@@ -138,7 +159,8 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
             "size_class": int(class_of[i]),
             "modalities": {
                 name: {"loss_intact": intact[name], "loss_lesioned": float(lesioned[name][i]),
-                       "relative_change": float(change[name][i]), "p_value": number(p[name][i]), "q_value": number(q[name][i])}
+                       "relative_change": float(change[name][i]), "p_value": number(p[name][i]), "q_value": number(q[name][i]),
+                       "share_of_brain": share_of_brain(intact[name], float(lesioned[name][i]), silenced[name])}
                 for name in names
             },
         }
@@ -156,6 +178,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         },
         "top": top,
         "reliability": reliability,
+        "whole_brain": whole_brain,
         "split": split,
         "windows": len(dataset),
         "trs": [int(t) for t in store.splits[split]],

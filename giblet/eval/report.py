@@ -255,6 +255,12 @@ def _top_media(folder: Path, assets: _Assets, prefix: str) -> str:
     return "\n".join(parts) or "<p>no media in this report</p>"
 
 
+def _share(value: Optional[float]) -> str:
+    """A parcel's share of the whole brain's loss increase; '-' where the whole brain raises it by nothing (older
+    atlas.json files have no share)."""
+    return "-" if value is None else f"{value:+.1%}"
+
+
 def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
     folders = _atlas_folders(run)
     if not folders:
@@ -269,6 +275,13 @@ def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
              f"{report['windows']} {_e(report['split'])} windows; p from {null.get('permutations', '-')} random contiguous "
              f"parcels of matched size per size class, q by Benjamini-Hochberg over parcels x modalities. "
              f"Relative change: how much the reconstruction loss rises when the parcel is silenced.</p>"]
+    whole = report.get("whole_brain")
+    if whole:
+        values = [f"{_e(n)} {whole[n]['relative_change']:+.2%} (loss {whole[n]['loss_intact']:.3f} -> {whole[n]['loss_silenced']:.3f})"
+                  for n in report["top"] if n in whole]
+        parts.append("<p>Every layer-7 unit silenced at once: " + ", ".join(values) + ". That is all the decoder reads from the "
+                     "brain on these windows, the scale of every parcel's change (a parcel's <i>share of the brain</i> is its "
+                     "loss increase over this one).</p>")
     reliability = report.get("reliability")
     if reliability:
         values = [f"{_e(n)} {_number(reliability[n]['split_half_r'], '.2f')} (whole map {_number(reliability[n]['spearman_brown'], '.2f')})"
@@ -288,9 +301,11 @@ def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
                 figures.append(_figure(assets.src(f"carries_{name}_glass.png"), f"{name}, glass brain"))
             parts.append(f"<div class=\"grid\">{''.join(figures)}</div>")
         rows = [[label, parcels[label]["voxels"], f"{parcels[label]['modalities'][name]['relative_change']:+.3%}",
+                 _share(parcels[label]["modalities"][name].get("share_of_brain")),
                  _number(parcels[label]["modalities"][name]["p_value"]), _number(parcels[label]["modalities"][name]["q_value"])]
                 for label in ranked[:TOP_ROWS]]
-        parts.append(f"<p>Parcels that carry most {_e(name)}:</p>" + _table(["parcel", "voxels", "relative change", "p", "q"], rows))
+        parts.append(f"<p>Parcels that carry most {_e(name)}:</p>"
+                     + _table(["parcel", "voxels", "relative change", "share of the brain", "p", "q"], rows))
         top = report.get("files", {}).get(name, {}).get("top_report")
         if top:
             parts.append(f"<p>Top parcel {ranked[0]}, silenced: original, intact and lesioned reconstructions.</p>")
