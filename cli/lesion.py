@@ -62,7 +62,10 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
                   f"{len(report['null']['classes'])} null size classes x {permutations} random contiguous parcels")
     whole = report["whole_brain"]
     console.print("the whole brain silenced (every layer-7 unit; a parcel's share_of_brain is its part of this): "
-                  + ", ".join(f"{name} {whole[name]['relative_change']:+.2%}" for name in report["top"] if name in whole))
+                  + ", ".join(f"{name} {whole[name]['relative_change']:+.2%}" for name in report["top"] if name in whole)
+                  + "; the parcels one at a time add up to " + ", ".join(f"{name} {_two_places(whole[name]['parcels_sum_of_shares'])}"
+                                                                       for name in report["top"] if name in whole)
+                  + " of it (1: each holds its own part; near 0: they hold it redundantly)")
     reliability = report["reliability"]
     console.print("map reliability (r over parcels, first vs second half of the windows; Spearman-Brown for the whole map): "
                   + ", ".join(f"{name} {_two_places(reliability[name]['split_half_r'])} ({_two_places(reliability[name]['spearman_brown'])})"

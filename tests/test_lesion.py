@@ -529,6 +529,10 @@ def test_the_atlas_reads_each_parcel_against_the_whole_brain_silenced(atlas_repo
         assert whole[name]["relative_change"] > 0
         assert by_label[label]["modalities"][name]["share_of_brain"] == pytest.approx(1.0, abs=1e-3)
         assert abs(by_label[other]["modalities"][name]["share_of_brain"]) < 1e-3
+    # Each region holds its modality's part alone: the parcels one at a time add up to the whole brain.
+    for name in ("audio", "video"):
+        assert whole[name]["parcels_sum_of_shares"] == pytest.approx(1.0, abs=1e-2)
+    assert whole["text"]["parcels_sum_of_shares"] is None
     # The text reads nothing from layer 7: silencing the whole brain changes nothing, and no parcel has a share.
     assert whole["text"]["relative_change"] == 0
     assert all(parcel["modalities"]["text"]["share_of_brain"] is None for parcel in report["parcels"])

@@ -13,10 +13,12 @@ Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
 
 - ``atlas.json``: ``{"parcels": [{"label", "voxels", "size_class", "modalities": {"video": {"loss_intact",
   "loss_lesioned", "relative_change", "p_value", "q_value", "share_of_brain"}, ...}}], "null": {...}, "top": {...},
-  "whole_brain": {"video": {"loss_intact", "loss_silenced", "relative_change"}, ...}, "reliability", "split",
-  "windows", ...}``. ``whole_brain`` is every layer-7 unit silenced at once: how much of each reconstruction the
-  decoder reads from the brain at all on these windows, the scale of every parcel's change (``share_of_brain``:
-  the parcel's loss increase over the whole brain's);
+  "whole_brain": {"video": {"loss_intact", "loss_silenced", "relative_change", "parcels_sum_of_shares"}, ...},
+  "reliability", "split", "windows", ...}``. ``whole_brain`` is every layer-7 unit silenced at once: how much of each
+  reconstruction the decoder reads from the brain at all on these windows, the scale of every parcel's change
+  (``share_of_brain``: the parcel's loss increase over the whole brain's). ``parcels_sum_of_shares`` near 1 says
+  the parcels hold what the brain gives apart; far below 1, that they hold it redundantly, so silencing any one
+  removes little of it and the map is mostly noise;
 - ``carries_<modality>.nii.gz`` (each voxel: its parcel's relative change; 0 outside the atlas) and
   ``q_<modality>.nii.gz`` (its parcel's q; 1 outside);
 - ``carries_<modality>.png``: the map on axial slices (``giblet.eval.brainmaps``), parcels with q < 0.05 outlined;
@@ -129,6 +131,9 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     silenced = {name: sum(n * part[2][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][2]}
     whole_brain = {name: {"loss_intact": intact[name], "loss_silenced": silenced[name],
                           "relative_change": relative_change(intact[name], silenced[name])} for name in intact}
+    for name, entry in whole_brain.items():
+        shares = [share_of_brain(intact[name], float(value), silenced[name]) for value in lesioned[name]]
+        entry["parcels_sum_of_shares"] = None if shares[0] is None else float(sum(shares))
     reliability = _split_half([part[:2] for part in scored], counts)
     class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
     nulls: List[Dict[str, List[float]]] = []

@@ -279,9 +279,12 @@ def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
     if whole:
         values = [f"{_e(n)} {whole[n]['relative_change']:+.2%} (loss {whole[n]['loss_intact']:.3f} -> {whole[n]['loss_silenced']:.3f})"
                   for n in report["top"] if n in whole]
+        sums = [f"{_e(n)} {_number(whole[n].get('parcels_sum_of_shares'), '.2f')}" for n in report["top"] if n in whole]
         parts.append("<p>Every layer-7 unit silenced at once: " + ", ".join(values) + ". That is all the decoder reads from the "
                      "brain on these windows, the scale of every parcel's change (a parcel's <i>share of the brain</i> is its "
-                     "loss increase over this one).</p>")
+                     "loss increase over this one). The parcels silenced one at a time add up to " + ", ".join(sums) + " of it: "
+                     "near 1, each parcel holds its own part; far below 1, the parcels hold it redundantly and silencing any "
+                     "one removes little, so single parcels are mostly noise.</p>")
     reliability = report.get("reliability")
     if reliability:
         values = [f"{_e(n)} {_number(reliability[n]['split_half_r'], '.2f')} (whole map {_number(reliability[n]['spearman_brown'], '.2f')})"
