@@ -36,12 +36,15 @@ def lesion(
     report = run_lesion(run, roi, out, store, permutations, split, seed)
     table = Table(title=f"giblet lesion {escape(str(run))}: {escape(roi.name)}, {report['roi_voxels']} voxels "
                         f"({report['lesioned_units']} of {report['n_units']} units), {split} TRs {report['trs'][0]}-{report['trs'][1] - 1}")
-    for column in ("modality", "loss intact", "loss lesioned", "relative change", f"p ({permutations} random parcels)"):
+    for column in ("modality", "loss intact", "loss lesioned", "relative change", f"p ({permutations} random parcels)",
+                   "relative shift", "shift p"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for name, values in report["modalities"].items():
         shown = name if name != "audio" else f"audio ({report['audio_feature']})"
         p = "-" if values["p_value"] is None else f"{values['p_value']:.3f}"
-        table.add_row(shown, f"{values['loss_intact']:.4f}", f"{values['loss_lesioned']:.4f}", f"{values['relative_change']:+.2%}", p)
+        shift_p = "-" if values["shift_p_value"] is None else f"{values['shift_p_value']:.3f}"
+        table.add_row(shown, f"{values['loss_intact']:.4f}", f"{values['loss_lesioned']:.4f}", f"{values['relative_change']:+.2%}", p,
+                      f"{values['relative_shift']:.3%}", shift_p)
     console.print(table)
     folder = Path(report["out"])
     console.print(f"report in {escape(str(folder))}:")
@@ -72,16 +75,21 @@ def _print_atlas(run: Path, atlas: Path, out, store, permutations: int, split: s
                               for name in report["top"] if name in reliability))
     for name, ranked in report["top"].items():
         table = Table(title=f"parcels that carry most {name}")
-        for column in ("label", "voxels", "relative change", "share of brain", "p", "q"):
+        for column in ("label", "voxels", "relative change", "share of brain", "p", "q", "relative shift", "shift q"):
             table.add_column(column, justify="right")
         for label in ranked[:5]:
             values = by_label[label]["modalities"][name]
             p, q, share = values["p_value"], values["q_value"], values["share_of_brain"]
             table.add_row(str(label), str(by_label[label]["voxels"]), f"{values['relative_change']:+.2%}",
-                          "-" if share is None else f"{share:+.1%}", "-" if p is None else f"{p:.3f}", "-" if q is None else f"{q:.3f}")
+                          "-" if share is None else f"{share:+.1%}", "-" if p is None else f"{p:.3f}", "-" if q is None else f"{q:.3f}",
+                          f"{values['relative_shift']:.3%}", "-" if values["shift_q_value"] is None else f"{values['shift_q_value']:.3f}")
+        console.print(f"parcels that move the {name} reconstruction most (relative shift): "
+                      + ", ".join(f"{label} ({by_label[label]['modalities'][name]['relative_shift']:.3%})"
+                                  for label in report["top_by_shift"][name][:5]))
         console.print(table)
     console.print(f"report in {escape(report['out'])}: atlas.json, " + ", ".join(
-        f"{files['carries']}, {files['q']}, {files['png']}" + (f", {files['top_report']}/" if "top_report" in files else "")
+        f"{files['carries']}, {files['q']}, {files['png']}, {files['shift']}, {files['shift_q']}"
+        + (f", {files['top_report']}/" if "top_report" in files else "")
         for files in report["files"].values()))
 
 

@@ -289,6 +289,57 @@ def test_many_lesions_in_one_pass_equal_each_decoded_alone(untrained_model):
             assert swept[name][k] == pytest.approx(alone[name], rel=1e-4, abs=1e-6), (name, k)
 
 
+@torch.no_grad()
+def test_a_lesions_shift_is_how_far_it_moves_the_reconstruction_and_the_rest_of_its_loss_change(untrained_model):
+    model, store, encoded = untrained_model
+    _, brain, targets = encoded[0]
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+    intact = model.decode(brain)
+    assert all(abs(float(v)) < 1e-6 for v in loss.shift(intact, intact, targets).values())  # nothing moved (but rounding)
+    silenced = torch.zeros(model.n_units, dtype=torch.bool)
+    silenced[: model.n_units // 3] = True
+    moved = model.decode(brain * ~silenced)
+    shift = loss.shift(moved, intact, targets)
+    assert set(shift) == {lesion_mod.LOSS_TERMS[m] for m in model.modalities} and all(float(v) > 0 for v in shift.values())
+    # For the MSE terms the loss change is the shift plus twice the move's product with the intact error.
+    _, before = loss({"brain": brain, "reconstructions": intact, "targets": targets})
+    _, after = loss({"brain": brain, "reconstructions": moved, "targets": targets})
+    mean, std = torch.tensor(loss.scales.mel_mean), torch.tensor(loss.scales.mel_std)
+    error = intact["mel"] - (targets["mel"] - mean) / std
+    cross = 2 * ((moved["mel"] - intact["mel"]) * error).mean()
+    assert float(after["mel"] - before["mel"]) == pytest.approx(float(shift["mel"] + cross), rel=1e-4, abs=1e-7)
+    # The sweep's shifts are these, window-weighted over the batches.
+    _, swept = lesion_mod.lesion_effects(model, loss, encoded, silenced[None], progress=False)
+    assert swept["video"][0] == pytest.approx(float(shift["frames"]), rel=1e-4)
+    audio = sum(float(shift[term]) for term in ("mel", "codes") if term in shift)
+    assert swept["audio"][0] == pytest.approx(audio, rel=1e-4)
+
+
+def test_the_decoder_reads_each_unit_times_its_gain(untrained_model):
+    model, _, encoded = untrained_model
+    _, brain, _ = encoded[0]
+    saved = model.decoder_gain.clone()
+    try:
+        reliability = torch.linspace(-0.5, 1.0, model.n_units)
+        model.set_decoder_gain(reliability.numpy())
+        assert torch.equal(model.decoder_gain, reliability.clamp(min=0))  # a voxel predicted worse than its mean: 0
+        zeroed = reliability <= 0
+        noise = brain.clone()
+        noise[:, zeroed] = torch.randn_like(noise[:, zeroed]) * 10
+        for name, value in model.decode(noise).items():  # units of gain 0 are not read at all
+            torch.testing.assert_close(value, model.decode(brain)[name], msg=name)
+        silenced = torch.rand(3, model.n_units, generator=torch.Generator().manual_seed(1)) < 0.2
+        together = model.decode_silenced(brain, silenced)
+        n = brain.shape[0]
+        for k in range(3):
+            for name, value in model.decode(brain * ~silenced[k]).items():
+                torch.testing.assert_close(together[name][k * n : (k + 1) * n], value, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="one value per unit"):
+            model.set_decoder_gain(np.ones(model.n_units + 1))
+    finally:
+        model.decoder_gain.copy_(saved)
+
+
 # --------------------------------------------------------------------------- errors
 
 

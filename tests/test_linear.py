@@ -195,3 +195,17 @@ def test_the_banded_ridge_s_cross_fitted_predictions_hold_each_block_out_of_its_
     short = BandedRidge(n_iter=2).fit(blocks, y, rows=slice(0, 40))
     with pytest.raises(ValueError, match="cannot be cut into 5 folds"):
         short.predict_cross_fitted(y, rows=slice(0, 40))
+
+
+def test_the_cross_fitted_r_is_pearsons_r_of_each_voxel_whatever_the_block():
+    from giblet.data.fmri import pearson_r
+    from giblet.linear.fits import cross_fitted_r
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(50, 23)).astype(np.float32)
+    prediction = (0.5 * target + rng.normal(size=target.shape)).astype(np.float32)
+    prediction[:, 3] = 1.0  # a constant prediction: r 0
+    expected = pearson_r(prediction, target)
+    for block in (1, 7, 23, 100):
+        np.testing.assert_allclose(cross_fitted_r(target, prediction, block=block), expected, rtol=1e-6, atol=1e-7)
+    assert cross_fitted_r(target, prediction)[3] == 0

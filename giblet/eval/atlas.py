@@ -12,7 +12,8 @@ Benjamini-Hochberg adjustment over all parcels x modalities.
 Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
 
 - ``atlas.json``: ``{"parcels": [{"label", "voxels", "size_class", "modalities": {"video": {"loss_intact",
-  "loss_lesioned", "relative_change", "p_value", "q_value", "share_of_brain"}, ...}}], "null": {...}, "top": {...},
+  "loss_lesioned", "relative_change", "p_value", "q_value", "share_of_brain", "relative_shift", "shift_p_value",
+  "shift_q_value"}, ...}}], "null": {...}, "top": {...}, "top_by_shift": {...},
   "whole_brain": {"video": {"loss_intact", "loss_silenced", "relative_change", "parcels_sum_of_shares"}, ...},
   "reliability", "split", "windows", ...}``. ``whole_brain`` is every layer-7 unit silenced at once: how much of each
   reconstruction the decoder reads from the brain at all on these windows, the scale of every parcel's change
@@ -21,6 +22,8 @@ Writes ``OUT/`` (default ``RUN/lesion/atlas-<label image name>/``), atomically:
   removes little of it and the map is mostly noise;
 - ``carries_<modality>.nii.gz`` (each voxel: its parcel's relative change; 0 outside the atlas) and
   ``q_<modality>.nii.gz`` (its parcel's q; 1 outside);
+- ``shift_<modality>.nii.gz`` and ``shift_q_<modality>.nii.gz``: the same for the relative shift (how far
+  silencing the parcel moves the reconstruction, ``giblet.eval.lesion``), the steadier of the two maps;
 - ``carries_<modality>.png``: the map on axial slices (``giblet.eval.brainmaps``), parcels with q < 0.05 outlined;
 - ``top_<modality>/``: the ``--roi`` report (frames.mp4, audio, nearest texts) of the parcel that carries
   most of that modality.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +44,7 @@ from giblet.data.parcels import size_classes
 from giblet.errors import DataError
 from giblet.eval import brainmaps
 from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, check_replaceable, contiguous_null, lesion,
-                                lesion_losses, load_model, modality_losses, open_run, p_value, relative_change, roi_name,
+                                lesion_effects, load_model, modality_losses, open_run, p_value, relative_change, relative_shift, roi_name,
                                 write_report_folder)
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
@@ -122,13 +125,14 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     everything = torch.ones(1, members.shape[1], dtype=torch.bool)
     scored = []
     for i, h in enumerate(halves):
-        losses = lesion_losses(model, loss, h, torch.cat([members, everything]), progress,
-                               f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
+        losses, shifts = lesion_effects(model, loss, h, torch.cat([members, everything]), progress,
+                                        f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
         scored.append((modality_losses(model, loss, h), {name: value[:-1] for name, value in losses.items()},
-                       {name: float(value[-1]) for name, value in losses.items()}))
+                       {name: float(value[-1]) for name, value in losses.items()}, {name: value[:-1] for name, value in shifts.items()}))
     intact = {name: sum(n * part[0][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][0]}
     lesioned = {name: sum(n * part[1][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][1]}
     silenced = {name: sum(n * part[2][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][2]}
+    shifted = {name: sum(n * part[3][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][3]}
     whole_brain = {name: {"loss_intact": intact[name], "loss_silenced": silenced[name],
                           "relative_change": relative_change(intact[name], silenced[name])} for name in intact}
     for name, entry in whole_brain.items():
@@ -136,7 +140,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         entry["parcels_sum_of_shares"] = None if shares[0] is None else float(sum(shares))
     reliability = _split_half([part[:2] for part in scored], counts)
     class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
-    nulls: List[Dict[str, List[float]]] = []
+    nulls: List[Tuple[Dict[str, List[float]], Dict[str, List[float]]]] = []
     with bar("nulls", total=len(class_sizes), show=progress) as progress_bar:
         for c, size in enumerate(class_sizes):
             # One seed per class, so a class's null is the same whatever other classes the atlas has.
@@ -146,13 +150,9 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
 
     names = list(intact)
     change = {name: np.array([relative_change(intact[name], float(v)) for v in lesioned[name]]) for name in names}
-    p = {name: np.array([p_value(change[name][i], nulls[class_of[i]][name]) if permutations else np.nan
-                         for i in range(len(parcel_labels))]) for name in names}
-    if permutations:
-        q_all = benjamini_hochberg(np.stack([p[name] for name in names]))
-        q = {name: q_all[j] for j, name in enumerate(names)}
-    else:
-        q = {name: np.full(len(parcel_labels), np.nan) for name in names}
+    shift = {name: np.array([relative_shift(intact[name], float(v)) for v in shifted[name]]) for name in names}
+    p, q = _p_and_q(change, [null[0] for null in nulls], class_of, permutations)
+    shift_p, shift_q = _p_and_q(shift, [null[1] for null in nulls], class_of, permutations)
 
     def number(value: float) -> Optional[float]:
         return None if not np.isfinite(value) else float(value)
@@ -165,13 +165,16 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
             "modalities": {
                 name: {"loss_intact": intact[name], "loss_lesioned": float(lesioned[name][i]),
                        "relative_change": float(change[name][i]), "p_value": number(p[name][i]), "q_value": number(q[name][i]),
-                       "share_of_brain": share_of_brain(intact[name], float(lesioned[name][i]), silenced[name])}
+                       "share_of_brain": share_of_brain(intact[name], float(lesioned[name][i]), silenced[name]),
+                       "relative_shift": float(shift[name][i]), "shift_p_value": number(shift_p[name][i]),
+                       "shift_q_value": number(shift_q[name][i])}
                 for name in names
             },
         }
         for i, label in enumerate(parcel_labels)
     ]
     top = {name: [int(parcel_labels[i]) for i in np.argsort(-change[name], kind="stable")[:TOP]] for name in names}
+    top_by_shift = {name: [int(parcel_labels[i]) for i in np.argsort(-shift[name], kind="stable")[:TOP]] for name in names}
     report: Dict[str, object] = {
         "atlas": str(atlas),
         "parcels": parcels,
@@ -182,6 +185,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
                         for c, size in enumerate(class_sizes)],
         },
         "top": top,
+        "top_by_shift": top_by_shift,
         "reliability": reliability,
         "whole_brain": whole_brain,
         "split": split,
@@ -194,11 +198,24 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
         "checkpoint": str(checkpoint),
         "out": str(out),
     }
-    _write_outputs(out, report, labels, parcel_labels, change, q, store, run, store_path or store.path, atlas, split, reports, progress)
+    _write_outputs(out, report, labels, parcel_labels, change, q, shift, shift_q, store, run, store_path or store.path, atlas, split,
+                   reports, progress)
     return report
 
 
-def _write_outputs(out: Path, report, labels, parcel_labels, change, q, store, run, store_path, atlas, split, reports, progress) -> None:
+def _p_and_q(values: Dict[str, np.ndarray], nulls: List[Dict[str, List[float]]], class_of: np.ndarray, permutations: int):
+    """Per modality, each parcel's p against its size class's null, and the Benjamini-Hochberg q over all parcels x
+    modalities (NaN without permutations)."""
+    names = list(values)
+    if not permutations:
+        return ({name: np.full(values[name].size, np.nan) for name in names},) * 2
+    p = {name: np.array([p_value(values[name][i], nulls[class_of[i]][name]) for i in range(values[name].size)]) for name in names}
+    q_all = benjamini_hochberg(np.stack([p[name] for name in names]))
+    return p, {name: q_all[j] for j, name in enumerate(names)}
+
+
+def _write_outputs(out: Path, report, labels, parcel_labels, change, q, shift, shift_q, store, run, store_path, atlas, split,
+                   reports, progress) -> None:
     grid = store.mask()
     inside = labels > 0
     parcel = np.searchsorted(parcel_labels, labels).clip(max=len(parcel_labels) - 1)  # each voxel's parcel, where inside
@@ -212,7 +229,11 @@ def _write_outputs(out: Path, report, labels, parcel_labels, change, q, store, r
             volume.save_volume(q_map, grid, tmp / f"q_{name}.nii.gz")
             brainmaps.stat_map(carries, store, tmp / f"carries_{name}.png", f"what each parcel carries: {name} (outlined: q < 0.05)",
                                outline=q_map < 0.05)
-            files[name] = {"carries": f"carries_{name}.nii.gz", "q": f"q_{name}.nii.gz", "png": f"carries_{name}.png"}
+            shifts = np.where(inside, shift[name][parcel], 0.0)
+            volume.save_volume(shifts, grid, tmp / f"shift_{name}.nii.gz")
+            volume.save_volume(np.where(inside, np.nan_to_num(shift_q[name][parcel], nan=1.0), 1.0), grid, tmp / f"shift_q_{name}.nii.gz")
+            files[name] = {"carries": f"carries_{name}.nii.gz", "q": f"q_{name}.nii.gz", "png": f"carries_{name}.png",
+                           "shift": f"shift_{name}.nii.gz", "shift_q": f"shift_q_{name}.nii.gz"}
         if reports:
             for name, ranked in report["top"].items():
                 label = ranked[0]

@@ -7,10 +7,15 @@ exactly 0). Each modality's reconstruction loss is the matching term of
 the same windows. Its relative change is compared with the changes that random contiguous
 parcels of the same size cause (grown from random voxels of the mask through face neighbours): ``p = (1 + #{random change >= observed}) / (1 + N)``.
 
+The relative shift is how far the lesion moves the reconstruction (``GibletLoss.shift``: the loss's own distance
+with the intact reconstruction as the target) over the intact loss: what the decoder reads from the region,
+whether or not it helps on these windows. It is never negative and carries no term of the windows' own error,
+so it is steadier than the loss change on a short block; it has its own p from the same random parcels.
+
 Writes ``OUT/`` (default ``RUN/lesion/<roi name>/``), atomically:
 
 - ``lesion.json``: ``{"roi_voxels": N, "modalities": {"video": {"loss_intact", "loss_lesioned",
-  "relative_change", "p_value"}, "audio": {...}, "text": {...}}, ...}``;
+  "relative_change", "p_value", "relative_shift", "shift_p_value"}, "audio": {...}, "text": {...}}, ...}``;
 - ``frames.mp4``: one frame per held-out TR, original | intact | lesioned (H.264);
 - ``audio_intact.wav``, ``audio_lesioned.wav`` (and ``audio_original.wav`` for mel):
   decoded mel through Griffin-Lim, or decoded codes through the store's EnCodec model;
@@ -261,45 +266,64 @@ LESIONS_PER_PASS = 16  # unit sets decoded together by decode_silenced: (16 x ba
 
 
 @torch.no_grad()
-def lesion_losses(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
-                  label: str = "lesions") -> Dict[str, np.ndarray]:
-    """Each reported modality's loss (as ``modality_losses``) for every unit set of ``silenced (M, units)``: ``(M,)``
-    per name. Sets go through the decoder ``LESIONS_PER_PASS`` at a time (``model.decode_silenced``)."""
+def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
+                   label: str = "lesions") -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """For every unit set of ``silenced (M, units)``, each reported modality's loss (as ``modality_losses``) and
+    its reconstruction's shift from the intact one (``GibletLoss.shift``), ``(M,)`` per name each, means over the
+    windows. Sets go through the decoder ``LESIONS_PER_PASS`` at a time (``model.decode_silenced``)."""
     device = encoded[0][1].device
     silenced = silenced.to(device)
     sums: Dict[str, np.ndarray] = {}
+    shifts: Dict[str, np.ndarray] = {}
     total = 0
     with bar(label, total=silenced.shape[0] * len(encoded), show=progress) as progress_bar:
         for batch, brain, targets in encoded:
             n = brain.shape[0]
             total += n
+            intact = model.decode(brain)
             for first in range(0, silenced.shape[0], LESIONS_PER_PASS):
                 chunk = silenced[first : first + LESIONS_PER_PASS]
                 recon = model.decode_silenced(brain, chunk)
                 for k in range(chunk.shape[0]):
-                    _, parts = loss({"brain": brain, "reconstructions": {m: v[k * n : (k + 1) * n] for m, v in recon.items()},
-                                     "targets": targets})
+                    moved = {m: v[k * n : (k + 1) * n] for m, v in recon.items()}
+                    _, parts = loss({"brain": brain, "reconstructions": moved, "targets": targets})
+                    shift = loss.shift(moved, intact, targets)
                     for modality in model.modalities:
-                        name = REPORTED[modality]
-                        sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[LOSS_TERMS[modality]]) * n
+                        name, term = REPORTED[modality], LOSS_TERMS[modality]
+                        sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[term]) * n
+                        shifts.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(shift[term]) * n
                 progress_bar.advance(chunk.shape[0])
-    return {name: value / total for name, value in sums.items()}
+    return ({name: value / total for name, value in sums.items()}, {name: value / total for name, value in shifts.items()})
+
+
+def lesion_losses(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
+                  label: str = "lesions") -> Dict[str, np.ndarray]:
+    """Each reported modality's loss for every unit set of ``silenced (M, units)``: ``lesion_effects``'s losses."""
+    return lesion_effects(model, loss, encoded, silenced, progress, label)[0]
 
 
 def contiguous_null(model, loss: GibletLoss, encoded, intact: Dict[str, float], mask: np.ndarray, size: int,
-                    permutations: int, seed: int = 0, progress: Optional[bool] = None) -> Dict[str, List[float]]:
-    """Each modality's relative change when random contiguous parcels of ``size`` voxels are silenced, one per draw:
-    grown from random seed voxels inside ``mask`` through face neighbours (``random_contiguous_parcels``), so the
-    null has the spatial structure of a real region rather than scattered voxels."""
+                    permutations: int, seed: int = 0, progress: Optional[bool] = None
+                    ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Each modality's relative change and relative shift (``relative_shift``) when random contiguous parcels of
+    ``size`` voxels are silenced, one per draw: grown from random seed voxels inside ``mask`` through face
+    neighbours (``random_contiguous_parcels``), so the null has the spatial structure of a real region rather than
+    scattered voxels."""
     if permutations == 0:
-        return {name: [] for name in intact}
+        return {name: [] for name in intact}, {name: [] for name in intact}
     parcels = torch.from_numpy(random_contiguous_parcels(mask, size, permutations, seed))
-    losses = lesion_losses(model, loss, encoded, parcels, progress, f"random parcels of {size} voxels")
-    return {name: [relative_change(intact[name], float(value)) for value in losses[name]] for name in intact}
+    losses, shifts = lesion_effects(model, loss, encoded, parcels, progress, f"random parcels of {size} voxels")
+    return ({name: [relative_change(intact[name], float(value)) for value in losses[name]] for name in intact},
+            {name: [relative_shift(intact[name], float(value)) for value in shifts[name]] for name in intact})
 
 
 def relative_change(intact: float, lesioned: float) -> float:
     return (lesioned - intact) / intact if intact != 0 else math.inf if lesioned > intact else 0.0
+
+
+def relative_shift(intact: float, shift: float) -> float:
+    """How far a lesion moves the reconstruction, over how far the intact one lies from the movie."""
+    return shift / intact if intact != 0 else math.inf if shift > 0 else 0.0
 
 
 def p_value(observed: float, null: List[float]) -> float:
@@ -333,9 +357,11 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     intact = modality_losses(model, loss, encoded, None, intact_lines, intact_texts)
     lesioned = modality_losses(model, loss, encoded, units, lesioned_lines, lesioned_texts)
     observed = {name: relative_change(intact[name], lesioned[name]) for name in intact}
+    shift = {name: relative_shift(intact[name], float(value[0]))
+             for name, value in lesion_effects(model, loss, encoded, units[None], progress=False)[1].items()}
 
     n_silenced = int(units.sum())
-    null = contiguous_null(model, loss, encoded, intact, store.mask()[0], n_silenced, permutations, seed, progress)
+    null, null_shift = contiguous_null(model, loss, encoded, intact, store.mask()[0], n_silenced, permutations, seed, progress)
 
     audio_feature = next((m for m in model.modalities if m in ("mel", "codes")), None)
     report: Dict[str, object] = {
@@ -346,6 +372,8 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
                 "loss_lesioned": lesioned[name],
                 "relative_change": observed[name],
                 "p_value": p_value(observed[name], null[name]) if permutations else None,
+                "relative_shift": shift[name],
+                "shift_p_value": p_value(shift[name], null_shift[name]) if permutations else None,
             }
             for name in intact
         },
@@ -362,6 +390,7 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
         "null": {"kind": "random contiguous parcels (face neighbours, inside the mask)", "size": n_silenced,
                  "permutations": permutations, "seed": seed},
         "null_relative_change": null,
+        "null_relative_shift": null_shift,
         "checkpoint": str(checkpoint),
         "out": str(out),
     }

@@ -255,6 +255,10 @@ def _top_media(folder: Path, assets: _Assets, prefix: str) -> str:
     return "\n".join(parts) or "<p>no media in this report</p>"
 
 
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3%}"
+
+
 def _share(value: Optional[float]) -> str:
     """A parcel's share of the whole brain's loss increase; '-' where the whole brain raises it by nothing (older
     atlas.json files have no share)."""
@@ -305,10 +309,18 @@ def _atlas_section(run: Path, store: Optional[Store], assets: _Assets) -> str:
             parts.append(f"<div class=\"grid\">{''.join(figures)}</div>")
         rows = [[label, parcels[label]["voxels"], f"{parcels[label]['modalities'][name]['relative_change']:+.3%}",
                  _share(parcels[label]["modalities"][name].get("share_of_brain")),
-                 _number(parcels[label]["modalities"][name]["p_value"]), _number(parcels[label]["modalities"][name]["q_value"])]
+                 _number(parcels[label]["modalities"][name]["p_value"]), _number(parcels[label]["modalities"][name]["q_value"]),
+                 _percent(parcels[label]["modalities"][name].get("relative_shift"))]
                 for label in ranked[:TOP_ROWS]]
         parts.append(f"<p>Parcels that carry most {_e(name)}:</p>"
-                     + _table(["parcel", "voxels", "relative change", "share of the brain", "p", "q"], rows))
+                     + _table(["parcel", "voxels", "relative change", "share of the brain", "p", "q", "relative shift"], rows))
+        by_shift = report.get("top_by_shift", {}).get(name)
+        if by_shift:
+            parts.append(f"<p>Parcels whose silencing moves the {_e(name)} reconstruction most (relative shift, the steadier "
+                         "measure: never negative, free of the windows' own error): "
+                         + ", ".join(f"{label} ({_percent(parcels[label]['modalities'][name]['relative_shift'])}, "
+                                     f"q {_number(parcels[label]['modalities'][name].get('shift_q_value'), '.2f')})"
+                                     for label in by_shift[:5]) + ".</p>")
         top = report.get("files", {}).get(name, {}).get("top_report")
         if top:
             parts.append(f"<p>Top parcel {ranked[0]}, silenced: original, intact and lesioned reconstructions.</p>")

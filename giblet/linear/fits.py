@@ -11,6 +11,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from giblet.data.fmri import pearson_r
 from giblet.data.store import Store
 from giblet.linear.ridge import BANDED_SEARCH, BandedRidge
 
@@ -59,13 +60,16 @@ class LinearPrior:
     cross-fitted predictions of them (``BandedRidge.predict_cross_fitted``: each TR predicted by a refit that did
     not see it); ``fit - cross_fit`` is what the branch gives a training TR beyond what it gives a new one
     (``WindowDataset.offset_targets``), ``cross_fit`` the teacher (``WindowDataset.blend_targets``). ``shares``:
-    the banded ridge's block weight shares. All None when neither a branch nor a teacher asked for the fit."""
+    the banded ridge's block weight shares. ``reliability (voxels,)`` float32: each voxel's Pearson r between
+    ``cross_fit`` and the target on the training TRs, how well the stimulus predicts it out of sample (the
+    decoder's gain, ``model.set_decoder_gain``). All None when neither a branch nor a teacher asked for the fit."""
 
     weight: Optional[np.ndarray]
     bias: Optional[np.ndarray]
     fit: Optional[np.ndarray]
     cross_fit: Optional[np.ndarray]
     shares: Optional[Dict[str, float]]
+    reliability: Optional[np.ndarray] = None
 
 
 def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: bool = True, teacher: bool = True,
@@ -78,7 +82,7 @@ def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: b
     ``banded_ridge`` predicts; ``hrf_regressors @ weight + bias`` differs from it by the float32 rounding of the
     kernels, ~1e-4 of the spread). Seeded: every process computes the same prior from the same store.
     """
-    weight = bias = fit = cross_fit = shares = None
+    weight = bias = fit = cross_fit = shares = reliability = None
     if branch or teacher:
         train = slice(*store.splits["train"])
         y = _target(store, target)
@@ -88,4 +92,15 @@ def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: b
             weight, bias = banded.linear_map()
         fit = banded.predict(parts, rows=train)
         cross_fit = banded.predict_cross_fitted(y, rows=train)
-    return LinearPrior(weight, bias, fit, cross_fit, shares)
+        reliability = cross_fitted_r(y[train], cross_fit)
+    return LinearPrior(weight, bias, fit, cross_fit, shares, reliability)
+
+
+def cross_fitted_r(target: np.ndarray, cross_fit: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Per-voxel Pearson r of ``cross_fit`` with ``target`` (both ``(TRs, voxels)``), float32; computed ``block``
+    voxels at a time, so the float64 copies stay small at Sherlock size (85,810 voxels)."""
+    out = np.empty(target.shape[1], dtype=np.float32)
+    for first in range(0, target.shape[1], block):
+        columns = slice(first, first + block)
+        out[columns] = pearson_r(cross_fit[:, columns], target[:, columns])
+    return out

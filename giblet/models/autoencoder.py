@@ -237,6 +237,8 @@ class GibletAutoencoder(nn.Module):
             self.l13_text = Head(slot, (dims.embedding_size,))
         self.register_buffer("grid_mask", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("grid_affine", torch.eye(4, dtype=torch.float64))
+        # Each unit's weight into the decoder (set_decoder_gain); 1 = read as is.
+        self.register_buffer("decoder_gain", torch.ones(self.n_units))
         self.stimuli: Optional[Stimuli] = None
 
     # ------------------------------------------------------------------ data
@@ -251,6 +253,15 @@ class GibletAutoencoder(nn.Module):
         if "mel" in self.modalities and len(mel_mean):
             self.l1_mel.mean.copy_(torch.as_tensor(mel_mean, dtype=torch.float32))
             self.l1_mel.std.copy_(torch.as_tensor(mel_std, dtype=torch.float32))
+
+    def set_decoder_gain(self, reliability) -> None:
+        """Read unit v into the decoder as ``brain[v] * max(reliability[v], 0)`` (``LinearPrior.reliability``: the
+        linear model's cross-fitted r of the voxel on the training TRs). Layer 7 itself, the fMRI loss and the
+        prediction are unchanged; only what the decoder (and so a lesion) reads of each unit is."""
+        gain = torch.as_tensor(np.asarray(reliability), dtype=torch.float32).clamp(min=0)
+        if gain.shape != (self.n_units,):
+            raise ValueError(f"reliability has shape {tuple(gain.shape)}; expected ({self.n_units},), one value per unit")
+        self.decoder_gain.copy_(gain.to(self.decoder_gain.device))
 
     def set_linear_branch(self, weight, bias) -> None:
         """The linear branch's map: ``weight (regressors, units)``, ``bias (units,)`` (``banded_linear_map``)."""
@@ -330,7 +341,7 @@ class GibletAutoencoder(nn.Module):
     def decode(self, brain: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Reconstructions from layer 7: ``video (B, S, 3, h, w)`` in [0, 1], ``codes (B, S, n_codebooks, K)``
         logits, ``mel (B, S, n_mels)``, ``text (B, S, embedding_size)``."""
-        x = brain
+        x = brain * self.decoder_gain.to(brain.dtype)
         for block in self.l8_l10:
             x = block(x)
         return self._decode_after_l10(x)
@@ -346,6 +357,7 @@ class GibletAutoencoder(nn.Module):
         if silenced.dim() != 2 or silenced.shape[1] != self.n_units or silenced.dtype != torch.bool:
             raise ValueError(f"silenced must be bool (sets, {self.n_units}); got {silenced.dtype} {tuple(silenced.shape)}")
         first = self.l8_l10[0]
+        brain = brain * self.decoder_gain.to(brain.dtype)
         pre = first.linear(brain)  # (B, width)
         weight = first.linear.weight  # (width, units)
         shares = []

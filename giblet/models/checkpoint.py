@@ -105,7 +105,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     return payload
 
 
-OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std")
+OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std", "decoder_gain")
 # Model settings that older checkpoints carry and the model no longer has (config.REMOVED lists every removed key):
 # model.parcels is checked to be unset; the others are training-only or change no weight's shape, except the L1
 # widths that are now model.slot_features, with which a checkpoint loads when each equals it (as every shipped file had).

@@ -147,3 +147,29 @@ class GibletLoss(nn.Module):
         for name, value in parts.items():
             total = total + (UNIT_WEIGHT[name] if name in UNIT_WEIGHT else getattr(w, name)) * value
         return total, parts
+
+    def shift(self, moved: Dict[str, torch.Tensor], intact: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]
+              ) -> Dict[str, torch.Tensor]:
+        """How far the ``moved`` reconstructions lie from the ``intact`` ones, per term (``frames``, ``codes``,
+        ``mel``, ``text``), each measured as its loss measures the distance to the movie, with the intact
+        reconstruction in the movie's place: frames and mel MSE, the codes' KL divergence from the intact
+        distribution (its cross-entropy less its entropy), text cosine distance; over the same valid slots and
+        divided by the same scales. 0 when nothing moved, never negative."""
+        parts: Dict[str, torch.Tensor] = {}
+        if "video" in moved:
+            errors = (moved["video"].float() - intact["video"].float()).pow(2).flatten(2).mean(dim=2)
+            parts["frames"] = _sample_mean(errors, targets["video_valid"]) / self.scales.frames
+        if "codes" in moved:
+            log_p = F.log_softmax(intact["codes"].float(), dim=-1)  # (B, S, n_q, K)
+            log_q = F.log_softmax(moved["codes"].float(), dim=-1)
+            divergence = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, S, n_q)
+            n_q = divergence.shape[2]
+            scales = divergence.new_tensor(self.scales.codes or [1.0] * n_q)
+            parts["codes"] = torch.stack([_sample_mean(divergence[:, :, q], targets["codes"][:, :, q] >= 0) / scales[q]
+                                          for q in range(n_q)]).mean()
+        if "mel" in moved:
+            parts["mel"] = F.mse_loss(moved["mel"].float(), intact["mel"].float())
+        if "text" in moved:
+            distance = 1 - F.cosine_similarity(moved["text"].float(), intact["text"].float(), dim=-1)
+            parts["text"] = _sample_mean(distance, targets["text_valid"]) / self.scales.text
+        return parts
