@@ -212,12 +212,15 @@ def test_the_report_holds_losses_p_values_frames_audio_and_nearest_texts(auditor
     assert report["permutations"] == PERMUTATIONS and report["split"] == "test"
     assert set(report["modalities"]) == {"video", "audio", "text"}
     for name, entry in report["modalities"].items():
-        assert set(entry) == {"loss_intact", "loss_lesioned", "relative_change", "p_value"}, name
+        assert set(entry) == {"loss_intact", "loss_lesioned", "relative_change", "p_value", "relative_shift", "shift_p_value"}, name
         assert entry["loss_intact"] > 0 and math.isfinite(entry["loss_lesioned"])
         assert entry["relative_change"] == pytest.approx((entry["loss_lesioned"] - entry["loss_intact"]) / entry["loss_intact"])
         null = report["null_relative_change"][name]
         assert len(null) == PERMUTATIONS
         assert entry["p_value"] == pytest.approx((1 + sum(v >= entry["relative_change"] for v in null)) / (1 + PERMUTATIONS))
+        null_shift = report["null_relative_shift"][name]
+        assert len(null_shift) == PERMUTATIONS and entry["relative_shift"] >= 0 and min(null_shift) >= 0
+        assert entry["shift_p_value"] == pytest.approx((1 + sum(v >= entry["relative_shift"] for v in null_shift)) / (1 + PERMUTATIONS))
         assert f"{entry['relative_change']:+.2%}" in output, name
 
     start, stop = tiny_store.splits["test"]
@@ -265,8 +268,8 @@ def test_random_parcels_are_seeded(untrained_model):
     first = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=5, progress=False)
     again = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=5, progress=False)
     other = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=6, progress=False)
-    assert first == again and first != other
-    assert len(set(first["video"])) == 3  # three different random parcels
+    assert first == again and first != other  # (relative changes, relative shifts), each per modality
+    assert len(set(first[0]["video"])) == 3 and len(set(first[1]["video"])) == 3  # three different random parcels
 
 
 def test_many_lesions_in_one_pass_equal_each_decoded_alone(untrained_model):

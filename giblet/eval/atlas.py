@@ -77,8 +77,8 @@ def share_of_brain(intact: float, lesioned: float, silenced: float) -> Optional[
     """A parcel's loss increase as a fraction of the whole brain's (every layer-7 unit silenced), or None where
     silencing the whole brain raises the loss by nothing: then the decoder reads nothing from layer 7 on these
     windows, and no parcel's change is more than noise."""
-    gain = silenced - intact
-    return float((lesioned - intact) / gain) if gain > 0 else None
+    whole = silenced - intact
+    return float((lesioned - intact) / whole) if whole > 0 else None
 
 
 def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None, store_path: Optional[PathLike] = None,
