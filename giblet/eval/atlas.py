@@ -129,15 +129,16 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
                                         f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
         scored.append((modality_losses(model, loss, h), {name: value[:-1] for name, value in losses.items()},
                        {name: float(value[-1]) for name, value in losses.items()}, {name: value[:-1] for name, value in shifts.items()}))
-    intact = {name: sum(n * part[0][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][0]}
-    lesioned = {name: sum(n * part[1][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][1]}
-    silenced = {name: sum(n * part[2][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][2]}
-    shifted = {name: sum(n * part[3][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][3]}
+
+    def pooled(k: int) -> Dict[str, object]:
+        """Item ``k`` of every half's scores, their mean weighted by the halves' window counts."""
+        return {name: sum(n * part[k][name] for n, part in zip(counts, scored)) / sum(counts) for name in scored[0][k]}
+
+    intact, lesioned, silenced, shifted = pooled(0), pooled(1), pooled(2), pooled(3)
+    shares = {name: [share_of_brain(intact[name], float(value), silenced[name]) for value in lesioned[name]] for name in intact}
     whole_brain = {name: {"loss_intact": intact[name], "loss_silenced": silenced[name],
-                          "relative_change": relative_change(intact[name], silenced[name])} for name in intact}
-    for name, entry in whole_brain.items():
-        shares = [share_of_brain(intact[name], float(value), silenced[name]) for value in lesioned[name]]
-        entry["parcels_sum_of_shares"] = None if shares[0] is None else float(sum(shares))
+                          "relative_change": relative_change(intact[name], silenced[name]),
+                          "parcels_sum_of_shares": None if shares[name][0] is None else float(sum(shares[name]))} for name in intact}
     reliability = _split_half([part[:2] for part in scored], counts)
     class_of, class_sizes = size_classes(sizes.tolist(), SIZE_RATIO)
     nulls: List[Tuple[Dict[str, List[float]], Dict[str, List[float]]]] = []
@@ -165,7 +166,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
             "modalities": {
                 name: {"loss_intact": intact[name], "loss_lesioned": float(lesioned[name][i]),
                        "relative_change": float(change[name][i]), "p_value": number(p[name][i]), "q_value": number(q[name][i]),
-                       "share_of_brain": share_of_brain(intact[name], float(lesioned[name][i]), silenced[name]),
+                       "share_of_brain": shares[name][i],
                        "relative_shift": float(shift[name][i]), "shift_p_value": number(shift_p[name][i]),
                        "shift_q_value": number(shift_q[name][i])}
                 for name in names

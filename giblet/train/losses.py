@@ -88,6 +88,16 @@ def _sample_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return per_sample.mean()
 
 
+def _frames_distance(frames: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pixel MSE per slot ``(B, slots, ...)``, averaged over each sample's valid slots, then the samples."""
+    return _sample_mean((frames - reference).pow(2).flatten(2).mean(dim=2), valid)
+
+
+def _text_distance(embeddings: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cosine distance per slot, averaged over each sample's valid slots, then the samples."""
+    return _sample_mean(1 - F.cosine_similarity(embeddings, reference, dim=-1), valid)
+
+
 def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Correlation over the batch (time) for each unit: ``(units,)``."""
     p = prediction - prediction.mean(dim=0, keepdim=True)
@@ -124,8 +134,7 @@ class GibletLoss(nn.Module):
                     [F.mse_loss(readout.float(), target) for readout in output["modality_brain"].values()]
                 ).mean()
         if "video" in recon:
-            errors = (recon["video"] - targets["video"]).pow(2).flatten(2).mean(dim=2)  # (B, slots)
-            parts["frames"] = _sample_mean(errors, targets["video_valid"]) / self.scales.frames
+            parts["frames"] = _frames_distance(recon["video"], targets["video"], targets["video_valid"]) / self.scales.frames
         if "codes" in recon:
             logits, codes = recon["codes"], targets["codes"]  # (B, S, n_q, K), (B, S, n_q)
             n_q = logits.shape[2]
@@ -141,8 +150,7 @@ class GibletLoss(nn.Module):
                 target = (target - target.new_tensor(self.scales.mel_mean)) / target.new_tensor(self.scales.mel_std)
             parts["mel"] = F.mse_loss(recon["mel"], target)
         if "text" in recon:
-            distance = 1 - F.cosine_similarity(recon["text"], targets["text"].float(), dim=-1)  # (B, slots)
-            parts["text"] = _sample_mean(distance, targets["text_valid"]) / self.scales.text
+            parts["text"] = _text_distance(recon["text"], targets["text"].float(), targets["text_valid"]) / self.scales.text
         total = brain.new_zeros(())
         for name, value in parts.items():
             total = total + (UNIT_WEIGHT[name] if name in UNIT_WEIGHT else getattr(w, name)) * value
@@ -157,8 +165,7 @@ class GibletLoss(nn.Module):
         divided by the same scales. 0 when nothing moved, never negative."""
         parts: Dict[str, torch.Tensor] = {}
         if "video" in moved:
-            errors = (moved["video"].float() - intact["video"].float()).pow(2).flatten(2).mean(dim=2)
-            parts["frames"] = _sample_mean(errors, targets["video_valid"]) / self.scales.frames
+            parts["frames"] = _frames_distance(moved["video"].float(), intact["video"].float(), targets["video_valid"]) / self.scales.frames
         if "codes" in moved:
             log_p = F.log_softmax(intact["codes"].float(), dim=-1)  # (B, S, n_q, K)
             log_q = F.log_softmax(moved["codes"].float(), dim=-1)
@@ -170,6 +177,5 @@ class GibletLoss(nn.Module):
         if "mel" in moved:
             parts["mel"] = F.mse_loss(moved["mel"].float(), intact["mel"].float())
         if "text" in moved:
-            distance = 1 - F.cosine_similarity(moved["text"].float(), intact["text"].float(), dim=-1)
-            parts["text"] = _sample_mean(distance, targets["text_valid"]) / self.scales.text
+            parts["text"] = _text_distance(moved["text"].float(), intact["text"].float(), targets["text_valid"]) / self.scales.text
         return parts
