@@ -323,10 +323,18 @@ def test_the_decoder_reads_each_unit_times_its_gain(untrained_model):
     _, brain, _ = encoded[0]
     saved = model.decoder_gain.clone()
     try:
-        reliability = torch.linspace(-0.5, 1.0, model.n_units)
-        model.set_decoder_gain(reliability.numpy())
-        assert torch.equal(model.decoder_gain, reliability.clamp(min=0))  # a voxel predicted worse than its mean: 0
-        zeroed = reliability <= 0
+        # Half the voxels noise (chance r, spread 0.1 about 0), half predicted at r 0.3-0.9.
+        rng = np.random.default_rng(0)
+        signal = np.arange(model.n_units) % 2 == 0
+        values = np.where(signal, rng.uniform(0.3, 0.9, model.n_units), rng.normal(0.0, 0.1, model.n_units))
+        reliability = torch.as_tensor(values, dtype=torch.float32)
+        model.set_decoder_gain(values)
+        spread = float(np.sqrt(np.mean(values[values < 0] ** 2)))
+        assert spread == pytest.approx(0.1, abs=0.05)  # chance's spread, read from the negative r's
+        # Read as r where r passes two spreads of chance, else not at all: every signal voxel, almost no noise voxel.
+        torch.testing.assert_close(model.decoder_gain, torch.where(reliability > 2 * spread, reliability, 0.0))
+        assert bool((model.decoder_gain[signal] > 0).all()) and float((model.decoder_gain[~signal] > 0).float().mean()) < 0.1
+        zeroed = model.decoder_gain == 0
         noise = brain.clone()
         noise[:, zeroed] = torch.randn_like(noise[:, zeroed]) * 10
         for name, value in model.decode(noise).items():  # units of gain 0 are not read at all

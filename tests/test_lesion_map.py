@@ -24,6 +24,9 @@ from giblet.train.trainer import train
 
 pytestmark = pytest.mark.slow
 
+# 39 random parcels per size class: the smallest p is 1/40, so a signal-free parcel can come out below 0.05
+# uncorrected (with 19 the smallest p would be 0.05 and the assertion below could not fail).
+PERMUTATIONS = 39
 KIND_OF = {"video": "visual", "audio": "auditory", "text": "language"}
 
 
@@ -46,7 +49,7 @@ def atlas_of_a_trained_model(tmp_path_factory):
     labels = cube_atlas(mask, 4)
     atlas = root / "cubes4.nii.gz"
     nib.save(nib.Nifti1Image(labels.astype(np.int32), affine), str(atlas))
-    report = lesion_atlas(root / "run", atlas, root / "atlas", store.path, permutations=19, reports=False, progress=False)
+    report = lesion_atlas(root / "run", atlas, root / "atlas", store.path, permutations=PERMUTATIONS, reports=False, progress=False)
     kinds = np.load(data / "_truth" / "tuning.npz")["region_kind"]  # per mask voxel, in the store's order
     parcel_of_voxel = labels[mask]
     composition = {p["label"]: kinds[parcel_of_voxel == p["label"]] for p in report["parcels"]}
@@ -70,7 +73,8 @@ def test_signal_free_parcels_are_not_significant(atlas_of_a_trained_model):
     report, composition, _ = atlas_of_a_trained_model
     free = [p for p in report["parcels"] if np.all(composition[p["label"]] == "noise")]
     for name in KIND_OF:
-        for key in ("q_value", "shift_q_value"):
+        # Uncorrected p first (reachable: 1/40 < 0.05), then the q-values over all parcels and modalities.
+        for key in ("p_value", "shift_p_value", "q_value", "shift_q_value"):
             significant = sum(p["modalities"][name][key] < 0.05 for p in free)
             assert significant <= 0.05 * len(free), (name, key, significant, len(free))
 

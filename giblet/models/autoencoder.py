@@ -171,6 +171,27 @@ class Head(nn.Module):
         return torch.sigmoid(out) if self.sigmoid else out
 
 
+CHANCE_SPREADS = 2.0  # how many spreads of chance r a voxel's r must pass for the decoder to read its unit
+
+
+def chance_spread(reliability: np.ndarray) -> float:
+    """The spread of r that chance alone gives a voxel: the root mean square of the negative r's. A voxel the
+    stimulus does not drive has a cross-fitted r spread about 0, so the negative half of the map is chance and
+    its spread is chance's, whatever the TR count and the noise's autocorrelation; 0 when no r is negative."""
+    negative = reliability[reliability < 0]
+    return float(np.sqrt(np.mean(negative**2))) if negative.size else 0.0
+
+
+def decoder_gain(reliability: np.ndarray) -> np.ndarray:
+    """Each unit's weight into the decoder: its voxel's r where r passes ``CHANCE_SPREADS`` spreads of chance
+    (``chance_spread``), else 0. A voxel of noise still has a layer-7 unit (ridge-fit noise, a function of the
+    stimulus like any other unit) that the decoder could read and a lesion map would then show; weighting by r
+    alone leaves noise voxels with chance r (0.1-0.3 on 150 training TRs) as much weight as poorly predicted
+    signal voxels."""
+    reliability = np.asarray(reliability, dtype=np.float64)
+    return np.where(reliability > CHANCE_SPREADS * chance_spread(reliability), reliability, 0.0)
+
+
 class GibletAutoencoder(nn.Module):
     """Stimulus windows -> brain (L7, one unit per voxel) -> reconstructed windows.
 
@@ -255,12 +276,13 @@ class GibletAutoencoder(nn.Module):
             self.l1_mel.std.copy_(torch.as_tensor(mel_std, dtype=torch.float32))
 
     def set_decoder_gain(self, reliability) -> None:
-        """Read unit v into the decoder as ``brain[v] * max(reliability[v], 0)`` (``LinearPrior.reliability``: the
-        linear model's cross-fitted r of the voxel on the training TRs). Layer 7 itself, the fMRI loss and the
+        """Read unit v into the decoder as ``brain[v] * decoder_gain(reliability)[v]`` (``LinearPrior.reliability``:
+        the linear model's cross-fitted r of the voxel on the training TRs). Layer 7 itself, the fMRI loss and the
         prediction are unchanged; only what the decoder (and so a lesion) reads of each unit is."""
-        gain = torch.as_tensor(np.asarray(reliability), dtype=torch.float32).clamp(min=0)
-        if gain.shape != (self.n_units,):
-            raise ValueError(f"reliability has shape {tuple(gain.shape)}; expected ({self.n_units},), one value per unit")
+        values = np.asarray(reliability, dtype=np.float64)
+        if values.shape != (self.n_units,):
+            raise ValueError(f"reliability has shape {values.shape}; expected ({self.n_units},), one value per unit")
+        gain = torch.as_tensor(decoder_gain(values), dtype=torch.float32)
         self.decoder_gain.copy_(gain.to(self.decoder_gain.device))
 
     def set_linear_branch(self, weight, bias) -> None:
