@@ -300,45 +300,6 @@ def pearson_r(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, r, 0.0)
 
 
-def subjects_present(subjects: np.ndarray, present) -> np.ndarray:
-    if present is None:
-        return np.ones(subjects.shape[:2], dtype=bool)
-    present = np.asarray(present, dtype=bool)
-    if present.shape != subjects.shape[:2]:
-        raise ValueError(f"present has shape {present.shape}; expected (subjects, TRs) = {subjects.shape[:2]}")
-    return present
-
-
-def noise_ceiling(subjects: np.ndarray, present=None, block: int = 8192) -> np.ndarray:
-    """Leave-one-subject-out intersubject correlation per voxel: ``(S, T, V) -> (V,)``.
-
-    For each subject, r between its series and the mean of the others; averaged over
-    subjects. It estimates how well the shared (stimulus-driven) signal can predict one
-    subject, the ceiling for a model's per-subject r. With ``present (S, T)`` bool (subjects cut
-    short), each TR's mean is over the other subjects that have it, and each subject's r is over its TRs
-    that at least one other subject has. ``block`` voxels at a time in float64, so a memory-mapped store's
-    series (17 subjects x 85,810 voxels) is never copied whole.
-    """
-    if subjects.shape[0] < 2:
-        raise ValueError("a leave-one-subject-out noise ceiling needs at least 2 subjects")
-    present = subjects_present(subjects, present)
-    weights = present[:, :, None].astype(np.float64)
-    out = np.empty(subjects.shape[2], dtype=np.float64)
-    for first in range(0, subjects.shape[2], block):
-        part = np.asarray(subjects[:, :, first : first + block], dtype=np.float64)
-        total, count = (part * weights).sum(axis=0), present.sum(axis=0)
-        rs = []
-        for s in range(part.shape[0]):
-            others = count - present[s]
-            rows = present[s] & (others > 0)
-            if rows.sum() < 3:
-                continue
-            rest = (total[rows] - part[s][rows] * weights[s][rows]) / others[rows, None]
-            rs.append(pearson_r(part[s][rows], rest))
-        out[first : first + block] = np.mean(rs, axis=0)
-    return out
-
-
 def space_of(path: PathLike) -> str:
     """``mni`` when the NIfTI's sform or qform code is 4 (MNI152), else ``scanner``: which template a map may be
     drawn on. Reads the header only."""
