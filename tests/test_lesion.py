@@ -312,7 +312,10 @@ def test_a_lesions_shift_is_how_far_it_moves_the_reconstruction_and_the_rest_of_
     cross = 2 * ((moved["mel"] - intact["mel"]) * error).mean()
     assert float(after["mel"] - before["mel"]) == pytest.approx(float(shift["mel"] + cross), rel=1e-4, abs=1e-7)
     # The sweep's shifts are these, window-weighted over the batches.
-    _, swept = lesion_mod.lesion_effects(model, loss, encoded, silenced[None], progress=False)
+    effects = lesion_mod.lesion_effects(model, loss, encoded, silenced[None], progress=False)
+    swept = effects.shifts
+    # The intact loss it measures the shifts against is modality_losses' own.
+    assert effects.intact == pytest.approx(lesion_mod.modality_losses(model, loss, encoded), rel=1e-6)
     assert swept["video"][0] == pytest.approx(float(shift["frames"]), rel=1e-4)
     audio = sum(float(shift[term]) for term in ("mel", "codes") if term in shift)
     assert swept["audio"][0] == pytest.approx(audio, rel=1e-4)

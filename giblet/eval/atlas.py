@@ -44,7 +44,7 @@ from giblet.data.parcels import size_classes
 from giblet.errors import DataError
 from giblet.eval import brainmaps
 from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, check_replaceable, contiguous_null, lesion,
-                                lesion_effects, load_model, modality_losses, open_run, p_value, relative_change, relative_shift, roi_name,
+                                lesion_effects, load_model, open_run, p_value, relative_change, relative_shift, roi_name,
                                 write_report_folder)
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
@@ -125,10 +125,11 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     everything = torch.ones(1, members.shape[1], dtype=torch.bool)
     scored = []
     for i, h in enumerate(halves):
-        losses, shifts = lesion_effects(model, loss, h, torch.cat([members, everything]), progress,
-                                        f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
-        scored.append((modality_losses(model, loss, h), {name: value[:-1] for name, value in losses.items()},
-                       {name: float(value[-1]) for name, value in losses.items()}, {name: value[:-1] for name, value in shifts.items()}))
+        effects = lesion_effects(model, loss, h, torch.cat([members, everything]), progress,
+                                 f"{len(parcel_labels)} parcels and the whole brain, windows part {i + 1}/{len(halves)}")
+        scored.append((effects.intact, {name: value[:-1] for name, value in effects.losses.items()},
+                       {name: float(value[-1]) for name, value in effects.losses.items()},
+                       {name: value[:-1] for name, value in effects.shifts.items()}))
 
     def pooled(k: int) -> Dict[str, object]:
         """Item ``k`` of every half's scores, their mean weighted by the halves' window counts."""

@@ -35,7 +35,7 @@ import secrets
 import shutil
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -265,14 +265,25 @@ def _timelines(model, store: Store, encoded) -> Dict[str, Union[SlotAverage, Slo
 LESIONS_PER_PASS = 16  # unit sets decoded together by decode_silenced: (16 x batch) rows through the narrow layers
 
 
+class LesionEffects(NamedTuple):
+    """``lesion_effects``'s result, means over the windows: the intact reconstruction's loss per reported modality,
+    and per modality ``(M,)`` arrays of each unit set's loss and shift."""
+
+    intact: Dict[str, float]
+    losses: Dict[str, np.ndarray]
+    shifts: Dict[str, np.ndarray]
+
+
 @torch.no_grad()
 def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
-                   label: str = "lesions") -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+                   label: str = "lesions") -> LesionEffects:
     """For every unit set of ``silenced (M, units)``, each reported modality's loss (as ``modality_losses``) and
-    its reconstruction's shift from the intact one (``GibletLoss.shift``), ``(M,)`` per name each, means over the
-    windows. Sets go through the decoder ``LESIONS_PER_PASS`` at a time (``model.decode_silenced``)."""
+    its reconstruction's shift from the intact one (``GibletLoss.shift``), with the intact loss from the same
+    decode the shifts are measured against. Sets go through the decoder ``LESIONS_PER_PASS`` at a time
+    (``model.decode_silenced``)."""
     device = encoded[0][1].device
     silenced = silenced.to(device)
+    intact_sums: Dict[str, float] = {}
     sums: Dict[str, np.ndarray] = {}
     shifts: Dict[str, np.ndarray] = {}
     total = 0
@@ -281,6 +292,10 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
             n = brain.shape[0]
             total += n
             intact = model.decode(brain)
+            _, base = loss({"brain": brain, "reconstructions": intact, "targets": targets})
+            for modality in model.modalities:
+                name = REPORTED[modality]
+                intact_sums[name] = intact_sums.get(name, 0.0) + float(base[LOSS_TERMS[modality]]) * n
             for first in range(0, silenced.shape[0], LESIONS_PER_PASS):
                 chunk = silenced[first : first + LESIONS_PER_PASS]
                 recon = model.decode_silenced(brain, chunk)
@@ -293,13 +308,14 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
                         sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[term]) * n
                         shifts.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(shift[term]) * n
                 progress_bar.advance(chunk.shape[0])
-    return ({name: value / total for name, value in sums.items()}, {name: value / total for name, value in shifts.items()})
+    return LesionEffects({name: value / total for name, value in intact_sums.items()},
+                         {name: value / total for name, value in sums.items()}, {name: value / total for name, value in shifts.items()})
 
 
 def lesion_losses(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
                   label: str = "lesions") -> Dict[str, np.ndarray]:
     """Each reported modality's loss for every unit set of ``silenced (M, units)``: ``lesion_effects``'s losses."""
-    return lesion_effects(model, loss, encoded, silenced, progress, label)[0]
+    return lesion_effects(model, loss, encoded, silenced, progress, label).losses
 
 
 def contiguous_null(model, loss: GibletLoss, encoded, intact: Dict[str, float], mask: np.ndarray, size: int,
@@ -312,9 +328,9 @@ def contiguous_null(model, loss: GibletLoss, encoded, intact: Dict[str, float], 
     if permutations == 0:
         return {name: [] for name in intact}, {name: [] for name in intact}
     parcels = torch.from_numpy(random_contiguous_parcels(mask, size, permutations, seed))
-    losses, shifts = lesion_effects(model, loss, encoded, parcels, progress, f"random parcels of {size} voxels")
-    return ({name: [relative_change(intact[name], float(value)) for value in losses[name]] for name in intact},
-            {name: [relative_shift(intact[name], float(value)) for value in shifts[name]] for name in intact})
+    effects = lesion_effects(model, loss, encoded, parcels, progress, f"random parcels of {size} voxels")
+    return ({name: [relative_change(intact[name], float(value)) for value in effects.losses[name]] for name in intact},
+            {name: [relative_shift(intact[name], float(value)) for value in effects.shifts[name]] for name in intact})
 
 
 def relative_change(intact: float, lesioned: float) -> float:
@@ -358,7 +374,7 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     lesioned = modality_losses(model, loss, encoded, units, lesioned_lines, lesioned_texts)
     observed = {name: relative_change(intact[name], lesioned[name]) for name in intact}
     shift = {name: relative_shift(intact[name], float(value[0]))
-             for name, value in lesion_effects(model, loss, encoded, units[None], progress=False)[1].items()}
+             for name, value in lesion_effects(model, loss, encoded, units[None], progress=False).shifts.items()}
 
     n_silenced = int(units.sum())
     null, null_shift = contiguous_null(model, loss, encoded, intact, store.mask()[0], n_silenced, permutations, seed, progress)

@@ -252,9 +252,9 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
             train_set.offset_targets(prior.fit - prior.cross_fit)
         if teacher:
             train_set.blend_targets(prior.cross_fit, config.loss.fmri_teacher)
-        # The decoder reads each unit in proportion to how well the stimulus predicts its voxel on TRs the linear
-        # model did not see: a voxel of noise (r ~ 0) is ridge-fit noise in layer 7, which the decoder could
-        # otherwise read like any unit, and would then carry in every lesion map.
+        # The decoder reads each unit by how well the stimulus predicts its voxel on TRs the linear model did not
+        # see, and not at all within chance (decoder_gain): a voxel of noise is ridge-fit noise in layer 7, which
+        # the decoder could otherwise read like any unit, and would then carry in every lesion map.
         model.set_decoder_gain(prior.reliability)
     # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
     # and never changes in training: nothing to broadcast each step.
