@@ -210,8 +210,7 @@ def _encode(model, dataset: WindowDataset):
 
 
 @torch.no_grad()
-def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.Tensor] = None,
-                    timelines: Optional[Dict[str, Union[SlotAverage, SlotVote]]] = None, texts: Optional[List[torch.Tensor]] = None) -> Dict[str, float]:
+def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Each reported modality's GibletLoss term over all encoded windows, with ``silenced`` units at 0.
 
     Zeroing the encoded layer 7 equals encoding under ``model.lesion(silenced)``: a lesioned
@@ -229,12 +228,6 @@ def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.T
         for modality in model.modalities:
             name = REPORTED[modality]
             sums[name] = sums.get(name, 0.0) + float(parts[LOSS_TERMS[modality]]) * n
-        if timelines:
-            onsets = batch["window_onset"]
-            for modality, timeline in timelines.items():
-                timeline.add(onsets, recon[modality])
-        if texts is not None and "text" in recon:
-            texts.append(recon["text"].float().cpu())
     return {name: value / total for name, value in sums.items()}
 
 
@@ -265,6 +258,10 @@ def _timelines(model, store: Store, encoded) -> Dict[str, Union[SlotAverage, Slo
 LESIONS_PER_PASS = 16  # unit sets decoded together by decode_silenced: (16 x batch) rows through the narrow layers
 
 
+# observe(batch, intact reconstructions, set index, that set's reconstructions): lesion_effects' per-batch view.
+Observer = Callable[[Dict[str, torch.Tensor], Dict[str, torch.Tensor], int, Dict[str, torch.Tensor]], None]
+
+
 class LesionEffects(NamedTuple):
     """``lesion_effects``'s result, means over the windows: the intact reconstruction's loss per reported modality,
     and per modality ``(M,)`` arrays of each unit set's loss and shift."""
@@ -276,11 +273,12 @@ class LesionEffects(NamedTuple):
 
 @torch.no_grad()
 def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, progress: Optional[bool] = None,
-                   label: str = "lesions") -> LesionEffects:
+                   label: str = "lesions", observe: Optional[Observer] = None) -> LesionEffects:
     """For every unit set of ``silenced (M, units)``, each reported modality's loss (as ``modality_losses``) and
     its reconstruction's shift from the intact one (``GibletLoss.shift``), with the intact loss from the same
     decode the shifts are measured against. Sets go through the decoder ``LESIONS_PER_PASS`` at a time
-    (``model.decode_silenced``)."""
+    (``model.decode_silenced``). ``observe(batch, intact, k, lesioned)``, when given, sees each batch's intact
+    reconstructions and set ``k``'s, so a caller that writes them out needs no decode of its own."""
     device = encoded[0][1].device
     silenced = silenced.to(device)
     intact_sums: Dict[str, float] = {}
@@ -303,6 +301,8 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
                     moved = {m: v[k * n : (k + 1) * n] for m, v in recon.items()}
                     _, parts = loss({"brain": brain, "reconstructions": moved, "targets": targets})
                     shift = loss.shift(moved, intact, targets)
+                    if observe is not None:
+                        observe(batch, intact, first + k, moved)
                     for modality in model.modalities:
                         name, term = REPORTED[modality], LOSS_TERMS[modality]
                         sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[term]) * n
@@ -370,11 +370,20 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     intact_lines, lesioned_lines = _timelines(model, store, encoded), _timelines(model, store, encoded)
     intact_texts: List[torch.Tensor] = []
     lesioned_texts: List[torch.Tensor] = []
-    intact = modality_losses(model, loss, encoded, None, intact_lines, intact_texts)
-    lesioned = modality_losses(model, loss, encoded, units, lesioned_lines, lesioned_texts)
+
+    def collect(batch, intact_recon, _set, lesioned_recon) -> None:
+        # What the report writes out (frames, sound, nearest texts), from the one decode of each that is scored.
+        for lines, texts, recon in ((intact_lines, intact_texts, intact_recon), (lesioned_lines, lesioned_texts, lesioned_recon)):
+            for modality, timeline in lines.items():
+                timeline.add(batch["window_onset"], recon[modality])
+            if "text" in recon:
+                texts.append(recon["text"].float().cpu())
+
+    effects = lesion_effects(model, loss, encoded, units[None], progress=False, observe=collect)
+    intact = effects.intact
+    lesioned = {name: float(value[0]) for name, value in effects.losses.items()}
     observed = {name: relative_change(intact[name], lesioned[name]) for name in intact}
-    shift = {name: relative_shift(intact[name], float(value[0]))
-             for name, value in lesion_effects(model, loss, encoded, units[None], progress=False).shifts.items()}
+    shift = {name: relative_shift(intact[name], float(value[0])) for name, value in effects.shifts.items()}
 
     n_silenced = int(units.sum())
     null, null_shift = contiguous_null(model, loss, encoded, intact, store.mask()[0], n_silenced, permutations, seed, progress)
