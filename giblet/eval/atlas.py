@@ -2,7 +2,7 @@
 
 Every parcel (integer label > 0 of the label image, read onto the store's grid by
 ``giblet.data.volume``'s one policy) is silenced in turn on the same held-out windows,
-many parcels per decoder pass (``GibletAutoencoder.decode_silenced``). Each modality's
+many parcels per decoder pass (``GibletAutoencoder.silenced_decoder``). Each modality's
 relative loss change is compared with a null of random *contiguous* parcels (grown from
 random voxels of the mask through face neighbours) of the parcel's size class: parcels
 whose sizes lie within a factor ``SIZE_RATIO`` share one null, drawn at the class's

@@ -209,6 +209,15 @@ def _encode(model, dataset: WindowDataset):
     return out
 
 
+def reported(model, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """A GibletLoss's terms (loss or shift) as the reported modalities: the term that scores each modality the
+    model decodes, by the name it is reported under ("audio" for mel or codes; both, if a model had both, add up)."""
+    out: Dict[str, float] = {}
+    for modality in model.modalities:
+        out[REPORTED[modality]] = out.get(REPORTED[modality], 0.0) + float(terms[LOSS_TERMS[modality]])
+    return out
+
+
 @torch.no_grad()
 def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Each reported modality's GibletLoss term over all encoded windows, with ``silenced`` units at 0.
@@ -225,9 +234,8 @@ def modality_losses(model, loss: GibletLoss, encoded, silenced: Optional[torch.T
         _, parts = loss({"brain": brain, "reconstructions": recon, "targets": targets})
         n = brain.shape[0]
         total += n
-        for modality in model.modalities:
-            name = REPORTED[modality]
-            sums[name] = sums.get(name, 0.0) + float(parts[LOSS_TERMS[modality]]) * n
+        for name, value in reported(model, parts).items():
+            sums[name] = sums.get(name, 0.0) + value * n
     return {name: value / total for name, value in sums.items()}
 
 
@@ -277,36 +285,37 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
     """For every unit set of ``silenced (M, units)``, each reported modality's loss (as ``modality_losses``) and
     its reconstruction's shift from the intact one (``GibletLoss.shift``), with the intact loss from the same
     decode the shifts are measured against. Sets go through the decoder ``LESIONS_PER_PASS`` at a time
-    (``model.decode_silenced``). ``observe(batch, intact, k, lesioned)``, when given, sees each batch's intact
-    reconstructions and set ``k``'s, so a caller that writes them out needs no decode of its own."""
+    (``model.silenced_decoder``: layer 8's product once per batch). ``observe(batch, intact, k, lesioned)``, when
+    given, sees each batch's intact reconstructions and set ``k``'s, so a caller that writes them out needs no decode
+    of its own."""
     device = encoded[0][1].device
     silenced = silenced.to(device)
+    n_sets = silenced.shape[0]
     intact_sums: Dict[str, float] = {}
     sums: Dict[str, np.ndarray] = {}
     shifts: Dict[str, np.ndarray] = {}
     total = 0
-    with bar(label, total=silenced.shape[0] * len(encoded), show=progress) as progress_bar:
+    with bar(label, total=n_sets * len(encoded), show=progress) as progress_bar:
         for batch, brain, targets in encoded:
             n = brain.shape[0]
             total += n
             intact = model.decode(brain)
             _, base = loss({"brain": brain, "reconstructions": intact, "targets": targets})
-            for modality in model.modalities:
-                name = REPORTED[modality]
-                intact_sums[name] = intact_sums.get(name, 0.0) + float(base[LOSS_TERMS[modality]]) * n
-            for first in range(0, silenced.shape[0], LESIONS_PER_PASS):
+            for name, value in reported(model, base).items():
+                intact_sums[name] = intact_sums.get(name, 0.0) + value * n
+            decode_silenced = model.silenced_decoder(brain)  # layer 8's product of this batch, once for all chunks
+            for first in range(0, n_sets, LESIONS_PER_PASS):
                 chunk = silenced[first : first + LESIONS_PER_PASS]
-                recon = model.decode_silenced(brain, chunk)
+                recon = decode_silenced(chunk)
                 for k in range(chunk.shape[0]):
                     moved = {m: v[k * n : (k + 1) * n] for m, v in recon.items()}
                     _, parts = loss({"brain": brain, "reconstructions": moved, "targets": targets})
-                    shift = loss.shift(moved, intact, targets)
                     if observe is not None:
                         observe(batch, intact, first + k, moved)
-                    for modality in model.modalities:
-                        name, term = REPORTED[modality], LOSS_TERMS[modality]
-                        sums.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(parts[term]) * n
-                        shifts.setdefault(name, np.zeros(silenced.shape[0]))[first + k] += float(shift[term]) * n
+                    for name, value in reported(model, parts).items():
+                        sums.setdefault(name, np.zeros(n_sets))[first + k] += value * n
+                    for name, value in reported(model, loss.shift(moved, intact, targets)).items():
+                        shifts.setdefault(name, np.zeros(n_sets))[first + k] += value * n
                 progress_bar.advance(chunk.shape[0])
     return LesionEffects({name: value / total for name, value in intact_sums.items()},
                          {name: value / total for name, value in sums.items()}, {name: value / total for name, value in shifts.items()})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -370,27 +370,41 @@ class GibletAutoencoder(nn.Module):
 
     def decode_silenced(self, brain: torch.Tensor, silenced: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``decode(brain * ~silenced[k])`` for each of ``K`` unit sets at once: ``silenced (K, units)`` bool, the
-        outputs ``(K * B, ...)`` lesion-major (rows ``k * B .. (k + 1) * B`` are set ``k``'s).
+        outputs ``(K * B, ...)`` lesion-major (rows ``k * B .. (k + 1) * B`` are set ``k``'s). One call of
+        ``silenced_decoder``: a sweep over many chunks of sets should hold on to that."""
+        return self.silenced_decoder(brain)(silenced)
 
-        Layer 8's product runs once on the intact layer 7 and each set's share is subtracted (``B x |set| x width``),
-        so a sweep over many lesions costs one layer-8 product plus the narrow layers after it per lesion, not a
-        full decoder pass each. Equal to the one-by-one decode up to float rounding (the sums run in another order).
+    def silenced_decoder(self, brain: torch.Tensor) -> Callable[[torch.Tensor], Dict[str, torch.Tensor]]:
+        """A function that decodes ``brain`` with each of a chunk of unit sets silenced (as ``decode_silenced``).
+
+        Layer 8's product runs here, once, on the intact layer 7; each set's share is then subtracted from it
+        (``B x |set| x width``; a set of more than half the units: the kept units' share added to the bias), so a sweep over many lesions costs one layer-8 product per batch plus the narrow
+        layers after it per lesion, not a full decoder pass each. Equal to the one-by-one decode up to float
+        rounding (the sums run in another order).
         """
-        if silenced.dim() != 2 or silenced.shape[1] != self.n_units or silenced.dtype != torch.bool:
-            raise ValueError(f"silenced must be bool (sets, {self.n_units}); got {silenced.dtype} {tuple(silenced.shape)}")
         first = self.l8_l10[0]
-        brain = brain * self.decoder_gain.to(brain.dtype)
-        pre = first.linear(brain)  # (B, width)
-        weight = first.linear.weight  # (width, units)
-        shares = []
-        for units in silenced:
-            index = units.nonzero().squeeze(1)
-            shares.append(brain.index_select(1, index) @ weight.index_select(1, index).T)
-        x = (pre.unsqueeze(0) - torch.stack(shares)).reshape(-1, pre.shape[1])
-        x = first.dropout(F.gelu(first.norm(x)))
-        for block in self.l8_l10[1:]:
-            x = block(x)
-        return self._decode_after_l10(x)
+        gained = brain * self.decoder_gain.to(brain.dtype)
+        product = first.linear(gained)  # (B, width)
+        rows = first.linear.weight.T.contiguous()  # (units, width): a set's rows are gathered, not strided columns
+
+        def decode(silenced: torch.Tensor) -> Dict[str, torch.Tensor]:
+            if silenced.dim() != 2 or silenced.shape[1] != self.n_units or silenced.dtype != torch.bool:
+                raise ValueError(f"silenced must be bool (sets, {self.n_units}); got {silenced.dtype} {tuple(silenced.shape)}")
+            inputs = []
+            for units in silenced:
+                index = units.nonzero().squeeze(1)
+                if 2 * index.numel() <= self.n_units:
+                    inputs.append(product - gained.index_select(1, index) @ rows.index_select(0, index))
+                else:  # most units silenced: the kept ones added up, fewer of them and no cancellation (all: the bias alone)
+                    kept = (~units).nonzero().squeeze(1)
+                    inputs.append(first.linear.bias + gained.index_select(1, kept) @ rows.index_select(0, kept))
+            x = torch.stack(inputs).reshape(-1, product.shape[1])
+            x = first.dropout(F.gelu(first.norm(x)))
+            for block in self.l8_l10[1:]:
+                x = block(x)
+            return self._decode_after_l10(x)
+
+        return decode
 
     def _decode_after_l10(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         parts = self.l11_split(x).chunk(len(self.modalities), dim=1)
