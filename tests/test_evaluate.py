@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from giblet.config import dump_config, from_dict
-from giblet.eval.metrics import noise_ceiling, pearson_r
+from giblet.eval.metrics import noise_ceiling, paired_difference, pearson_r
 from giblet_cli.main import app
 
 runner = CliRunner()
@@ -38,6 +38,45 @@ def test_noise_ceiling_is_the_leave_one_out_intersubject_correlation():
     # r(one subject, mean of 3 others) = 1 / sqrt(2 * (1 + 1/3)) for these variances.
     assert noise_ceiling(noisy)[0] == pytest.approx(1 / np.sqrt(2 * (1 + 1 / 3)), abs=0.05)
     assert abs(noise_ceiling(rng.normal(size=(4, 500, 1)))[0]) < 0.1
+
+
+def _two_predictions(rng, error_first: float, error_second: float, trs: int = 60, voxels: int = 200):
+    """A block of ``trs`` TRs: a stimulus-driven signal shared by the voxels, a measured series with noise smooth in
+    time (as a haemodynamic series is), and two predictions: the signal plus errors of their own, as smooth."""
+    from scipy.ndimage import gaussian_filter1d
+
+    def smooth(size, sigma):
+        return gaussian_filter1d(rng.normal(size=size), sigma, axis=0)
+
+    signal = smooth((trs, 5), 2.0) @ rng.normal(size=(5, voxels))
+    signal /= signal.std(axis=0)
+    measured = signal + 2.0 * smooth((trs, voxels), 1.5)
+    return (signal + 2.0 * error_first * smooth((trs, voxels), 2.0), signal + 2.0 * error_second * smooth((trs, voxels), 2.0),
+            measured)
+
+
+def test_the_lead_over_a_baseline_is_the_mean_r_difference_with_an_interval_that_covers_what_the_block_cannot_tell():
+    rng = np.random.default_rng(3)
+    first, second, measured = _two_predictions(rng, 0.6, 1.4)
+    half = np.arange(200) < 100
+    lead = paired_difference(first, second, measured, {"all": np.ones(200, dtype=bool), "half": half}, 8,
+                             scales={"half": 0.5})
+    difference = pearson_r(first, measured) - pearson_r(second, measured)
+    assert lead["all"]["difference"] == pytest.approx(float(difference.mean()))
+    assert lead["half"]["difference"] == pytest.approx(float(difference[half].mean()) / 0.5)
+    assert lead["all"]["blocks"] == 7 and lead["all"]["block_trs"] == 8  # 60 TRs in 7 blocks of 8-9
+    # Over many blocks: two equally good predictions get an interval that holds 0 about 95% of the time (3 spreads
+    # of a binomial proportion of 40 below); a clearly better one gets an interval above 0 nearly always.
+    equal = better = 0
+    for draw in range(40):
+        rng = np.random.default_rng(100 + draw)
+        low, high = paired_difference(*_two_predictions(rng, 1.0, 1.0), {"all": np.ones(200, dtype=bool)}, 8,
+                                      resamples=400, seed=draw)["all"]["interval_95"]
+        equal += low <= 0 <= high
+        low, _ = paired_difference(*_two_predictions(rng, 0.6, 1.4), {"all": np.ones(200, dtype=bool)}, 8,
+                                   resamples=400, seed=draw)["all"]["interval_95"]
+        better += low > 0
+    assert equal >= 34 and better >= 38, (equal, better)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +159,18 @@ def test_evaluate_writes_metrics_maps_and_plots(trained_run, tiny_data, tiny_sto
         for entry in by_kind.values():
             assert entry[name]["fraction_of_ceiling"] == pytest.approx(entry[name]["mean_r"] / entry["true_signal_r"])
     assert "auditory (" in result.output and "fraction, model / ridge / ridge_hrf / ridge_banded" in result.output
+    # The model's lead over each baseline, with the block bootstrap's interval: over all voxels in mean r, on the
+    # signal voxels and per kind in fractions of the ceiling.
+    for name in ("ridge", "ridge_hrf", "ridge_banded"):
+        lead = metrics["baselines"][name]["model_minus_this"]
+        assert lead["difference"] == pytest.approx(metrics["mean_r"] - metrics["baselines"][name]["mean_r"], abs=1e-5)
+        assert lead["interval_95"][0] <= lead["interval_95"][1]
+        lead = truth[name]["model_minus_this"]
+        assert lead["difference"] == pytest.approx(truth["model"]["fraction_of_ceiling"] - truth[name]["fraction_of_ceiling"], abs=1e-5)
+        for entry in by_kind.values():
+            expected = entry["model"]["fraction_of_ceiling"] - entry[name]["fraction_of_ceiling"]
+            assert entry[name]["model_minus_this"]["difference"] == pytest.approx(expected, abs=1e-5)
+    assert "model - ridge_banded" in result.output and "auditory: model - ridge_banded" in result.output
     # r against the noise-free signal on the signal voxels, from the written prediction.
     first = int(tiny_store.manifest["alignment"]["first_tr"])
     carries = signal.std(axis=0) > 0

@@ -18,7 +18,7 @@ import torch
 from giblet.config import load_config
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.store import Store, open_store, run_store_path
-from giblet.eval.metrics import mean_subject_r, noise_ceiling, pearson_r
+from giblet.eval.metrics import BOOTSTRAP_BLOCK_S, mean_subject_r, noise_ceiling, paired_difference, pearson_r
 from giblet.linear import FirRidge, HrfRidge, banded_ridge, fit_splits, regressor_parts
 from giblet.models import Stimuli
 from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
@@ -49,7 +49,9 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     ``scores`` maps a name (``model``, ``ridge``, ...) to per-voxel r against the group mean. Two ceilings:
     ``noise_ceiling`` (``_truth/noise_ceiling.npy``, expected over the whole movie) and
     ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
-    the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter.
+    the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter. With the
+    model's and the baselines' ``predictions``, each baseline's ``model_minus_this`` (on the signal voxels and per
+    kind): the model's lead in fraction of the ceiling, with a 95% interval from a block bootstrap of the TRs.
     With ``subjects`` (the split's responses, ``(subjects, TRs, voxels)``), the model's prediction and the
     leave-one-subject-out ``loso_ceiling``, also ``per_subject`` (``_per_subject_truth``; ``present``: which
     subject has which TR, ``Store.present``).
@@ -90,8 +92,8 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
             # of two models than r against the group mean (1 for a perfect model).
             result[name]["r_vs_signal"] = float(pearson_r(np.asarray(predictions[name], dtype=np.float32)[:, carries], truth_signal).mean())
     # The same per kind of region (visual, auditory, language, mixed): where a model falls short.
-    if (truth / "tuning.npz").is_file():
-        kinds = np.load(truth / "tuning.npz")["region_kind"][carries]
+    kinds = np.load(truth / "tuning.npz")["region_kind"][carries] if (truth / "tuning.npz").is_file() else None
+    if kinds is not None:
         by_kind: Dict[str, Dict[str, object]] = {}
         for kind in sorted(set(kinds.tolist())):
             inside = kinds == kind
@@ -101,7 +103,27 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
                 entry[name] = {"mean_r": mean_r, "fraction_of_ceiling": mean_r / float(ceiling[inside].mean())}
             by_kind[str(kind)] = entry
         result["by_kind"] = by_kind
+    # The model against each baseline with the block's own uncertainty, in fractions of the ceiling.
+    if predictions is not None and "model" in predictions:
+        groups = {"signal": np.ones(int(carries.sum()), dtype=bool)}
+        if kinds is not None:
+            groups.update({str(kind): kinds == kind for kind in sorted(set(kinds.tolist()))})
+        scales = {name: float(ceiling[members].mean()) for name, members in groups.items()}
+        model = np.asarray(predictions["model"], dtype=np.float32)[:, carries]
+        for name, baseline in predictions.items():
+            if name == "model":
+                continue
+            versus = paired_difference(model, np.asarray(baseline, dtype=np.float32)[:, carries], group[:, carries], groups,
+                                       block_trs(store), scales=scales)
+            result[name]["model_minus_this"] = versus["signal"]
+            for kind in result.get("by_kind", {}):
+                result["by_kind"][kind][name]["model_minus_this"] = versus[kind]
     return result
+
+
+def block_trs(store: Store) -> int:
+    """TRs per block of the bootstrap that puts an interval on the model's lead over a baseline."""
+    return int(math.ceil(BOOTSTRAP_BLOCK_S / store.tr_s))
 
 
 def _per_subject_truth(prediction: np.ndarray, truth_signal: np.ndarray, subjects: np.ndarray,
@@ -207,6 +229,9 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
                 **about,
             }
             scores[name], predictions[name] = fitted_r, fitted
+            # Is the model ahead of this baseline by more than the held-out block's own luck? (metrics.paired_difference)
+            metrics["baselines"][name]["model_minus_this"] = paired_difference(
+                prediction, fitted, group, {"all": np.ones(r.size, dtype=bool)}, block_trs(store))["all"]
     truth = truth_metrics(store, split, scores, predictions, subjects, ceiling, present)
     if truth is not None:
         metrics["truth"] = truth
