@@ -73,6 +73,10 @@ def test_the_report_opens_offline_with_every_image_and_media_loaded_and_names_th
         assert name in assets
     assert dom.count("<img") >= 10 and "<video" in dom and dom.count("<audio") >= 3
     assert "nearest, lesioned" in dom and "No eval/" not in dom and "No lesion atlas" not in dom
+    # Beside each baseline, giblet's lead over it with its interval from `giblet evaluate`.
+    lead = json.loads((trained_run / "eval" / "metrics.json").read_text())["baselines"]["ridge_banded"]["model_minus_this"]
+    low, high = lead["interval_95"]
+    assert "lead in mean r (95% interval)" in dom and f"{lead['difference']:+.3f} [{low:+.3f}, {high:+.3f}]" in dom
     # The store is in MNI space (the synthetic scans' headers say so): the maps get a glass brain too.
     assert tiny_store.space == "mni" and "r_model_glass.png" in assets
 

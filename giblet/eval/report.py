@@ -86,6 +86,14 @@ def _number(value, spec: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
 
+def _lead(versus: Optional[dict]) -> str:
+    """``+0.004 [-0.006, +0.013]`` (``metrics.paired_difference``), or "-" for a run evaluated without it."""
+    if not versus:
+        return "-"
+    low, high = versus["interval_95"]
+    return f"{versus['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def _figure(src: str, caption: str) -> str:
     return f'<figure><img src="{_e(src)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
@@ -179,15 +187,18 @@ def _prediction_section(run: Path, store: Optional[Store], assets: _Assets) -> s
                                                        f"giblet evaluate {run}")
     metrics = json.loads(metrics_file.read_text())
     truth = metrics.get("truth") or {}
-    header = ["model", "mean r", "median r"] + (["fraction of the noise-free ceiling"] if truth else [])
-    rows = [["giblet (layer 7)", _number(metrics["mean_r"]), _number(metrics["median_r"])]
+    header = (["model", "mean r", "median r", "giblet's lead in mean r (95% interval)"]
+              + (["fraction of the noise-free ceiling"] if truth else []))
+    rows = [["giblet (layer 7)", _number(metrics["mean_r"]), _number(metrics["median_r"]), ""]
             + ([_number(truth.get("model", {}).get("fraction_of_ceiling"))] if truth else [])]
     for name, values in metrics.get("baselines", {}).items():
-        rows.append([name, _number(values["mean_r"]), _number(values["median_r"])]
+        rows.append([name, _number(values["mean_r"]), _number(values["median_r"]), _lead(values.get("model_minus_this"))]
                     + ([_number(truth.get(name, {}).get("fraction_of_ceiling"))] if truth else []))
     parts = [f"<h2>Brain prediction ({_e(metrics['split'])} TRs {metrics['test_trs'][0]}-{metrics['test_trs'][1] - 1})</h2>",
              f"<p>Per-voxel Pearson r against the group-mean response; noise ceiling (mean) "
-             f"{_number(metrics.get('noise_ceiling_mean'))}, noise-normalised r {_number(metrics.get('noise_normalized_r'))}.</p>",
+             f"{_number(metrics.get('noise_ceiling_mean'))}, noise-normalised r {_number(metrics.get('noise_normalized_r'))}. "
+             "giblet's lead over a baseline has a 95% interval from a block bootstrap of these TRs: where it holds 0, "
+             "this block cannot tell the two apart.</p>",
              _table(header, rows)]
     if truth.get("by_kind"):
         kinds = truth["by_kind"]
