@@ -168,7 +168,10 @@ class Head(nn.Module):
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:
         out = self.linear(slots).view(*slots.shape[:2], *self.shape)
-        return torch.sigmoid(out) if self.sigmoid else out
+        # In place: the frames are the largest output (a lesion sweep decodes 16 x batch of them at once), and a
+        # second buffer of that size costs more in fresh pages than the sigmoid itself. The linear's backward does
+        # not need its output, so autograd allows it.
+        return out.sigmoid_() if self.sigmoid else out
 
 
 CHANCE_SPREADS = 2.0  # how many spreads of chance r a voxel's r must pass for the decoder to read its unit
