@@ -125,6 +125,7 @@ def paired_difference(first: np.ndarray, second: np.ndarray, target: np.ndarray,
         scale = (scales or {}).get(name, 1.0)
         difference = float(observed[name][0])
         half_width = quantile * float(np.concatenate(draws[name]).std(ddof=1)) * math.sqrt(n_blocks / (n_blocks - 1))
-        out[name] = {"difference": difference / scale, "interval_95": [(difference - half_width) / scale, (difference + half_width) / scale],
+        out[name] = {"difference": difference / scale,
+                     "interval_95": [(difference - half_width) / scale, (difference + half_width) / scale],
                      "blocks": n_blocks, "block_trs": int(block_trs), "resamples": resamples}
     return out

@@ -381,9 +381,10 @@ class GibletAutoencoder(nn.Module):
         """A function that decodes ``brain`` with each of a chunk of unit sets silenced (as ``decode_silenced``).
 
         Layer 8's product runs here, once, on the intact layer 7; each set's share is then subtracted from it
-        (``B x |set| x width``; a set of more than half the units: the kept units' share added to the bias), so a sweep over many lesions costs one layer-8 product per batch plus the narrow
-        layers after it per lesion, not a full decoder pass each. Equal to the one-by-one decode up to float
-        rounding (the sums run in another order).
+        (``B x |set| x width``; a set of more than half the units: the kept units' share added to the bias), so a
+        sweep over many lesions costs one layer-8 product per batch plus the narrow layers after it per lesion, not
+        a full decoder pass each. Equal to the one-by-one decode up to float rounding (the sums run in another
+        order).
         """
         first = self.l8_l10[0]
         gained = brain * self.decoder_gain.to(brain.dtype)
