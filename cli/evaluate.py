@@ -34,14 +34,10 @@ def evaluate(
     print_metrics(metrics, run, split)
 
 
-def _lead(versus: dict, digits: int) -> str:
-    """``+0.004 [-0.006, +0.013]``: a difference and its 95% interval (``metrics.paired_difference``)."""
-    low, high = versus["interval_95"]
-    return f"{versus['difference']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
-
-
 def print_metrics(metrics: dict, run: Path, split: str) -> None:
     """The table of `giblet evaluate` (also printed by `giblet demo`)."""
+    from giblet.eval.metrics import format_lead
+
     table = Table(title=f"giblet evaluate {escape(str(run))}: {split} TRs {metrics['test_trs'][0]}-{metrics['test_trs'][1] - 1}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -51,7 +47,7 @@ def print_metrics(metrics: dict, run: Path, split: str) -> None:
     for name, values in metrics["baselines"].items():
         table.add_row(f"baseline {name}: mean_r", f"{values['mean_r']:.4f}")
         if "model_minus_this" in values:
-            table.add_row(f"model - {name}: mean_r (95% interval)", _lead(values["model_minus_this"], 4))
+            table.add_row(f"model - {name}: mean_r (95% interval)", format_lead(values["model_minus_this"], 4))
     truth = metrics.get("truth")
     if truth and "skipped" not in truth:
         table.add_row("truth: signal voxels", str(truth["signal_voxels"]))
@@ -73,8 +69,8 @@ def print_metrics(metrics: dict, run: Path, split: str) -> None:
             table.add_row(f"truth: {kind} ({entry['voxels']} voxels) fraction, {' / '.join(names)}", fractions)
         strongest = "ridge_banded"  # the linear model to beat
         if "model_minus_this" in truth.get(strongest, {}):
-            table.add_row(f"truth: model - {strongest}, fraction (95% interval)", _lead(truth[strongest]["model_minus_this"], 3))
+            table.add_row(f"truth: model - {strongest}, fraction (95% interval)", format_lead(truth[strongest]["model_minus_this"]))
             for kind, entry in truth.get("by_kind", {}).items():
-                table.add_row(f"truth: {kind}: model - {strongest}", _lead(entry[strongest]["model_minus_this"], 3))
+                table.add_row(f"truth: {kind}: model - {strongest}", format_lead(entry[strongest]["model_minus_this"]))
     console.print(table)
     console.print(f"maps and plots in {escape(str(Path(run) / 'eval'))}: r_map.nii.gz, prediction_{split}.nii.gz, r_map.png, r_histogram.png")

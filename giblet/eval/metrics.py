@@ -129,3 +129,11 @@ def paired_difference(first: np.ndarray, second: np.ndarray, target: np.ndarray,
                      "interval_95": [(difference - half_width) / scale, (difference + half_width) / scale],
                      "blocks": n_blocks, "block_trs": int(block_trs), "resamples": resamples}
     return out
+
+
+def format_lead(versus: Optional[dict], digits: int = 3) -> str:
+    """``+0.004 [-0.006, +0.013]``: a ``paired_difference`` result's difference and 95% interval; "-" without one."""
+    if not versus:
+        return "-"
+    low, high = versus["interval_95"]
+    return f"{versus['difference']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"

@@ -21,6 +21,7 @@ import numpy as np
 from giblet.data.store import Store, open_store, run_store_path
 from giblet.data.volume import load_values
 from giblet.eval import brainmaps
+from giblet.eval.metrics import format_lead
 from giblet.eval.lesion import write_report_folder
 from giblet.errors import DataError
 from giblet.progress import bar
@@ -84,14 +85,6 @@ def _table(header: List[str], rows: List[List[object]]) -> str:
 
 def _number(value, spec: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
-
-
-def _lead(versus: Optional[dict]) -> str:
-    """``+0.004 [-0.006, +0.013]`` (``metrics.paired_difference``), or "-" for a run evaluated without it."""
-    if not versus:
-        return "-"
-    low, high = versus["interval_95"]
-    return f"{versus['difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _figure(src: str, caption: str) -> str:
@@ -192,7 +185,7 @@ def _prediction_section(run: Path, store: Optional[Store], assets: _Assets) -> s
     rows = [["giblet (layer 7)", _number(metrics["mean_r"]), _number(metrics["median_r"]), ""]
             + ([_number(truth.get("model", {}).get("fraction_of_ceiling"))] if truth else [])]
     for name, values in metrics.get("baselines", {}).items():
-        rows.append([name, _number(values["mean_r"]), _number(values["median_r"]), _lead(values.get("model_minus_this"))]
+        rows.append([name, _number(values["mean_r"]), _number(values["median_r"]), format_lead(values.get("model_minus_this"))]
                     + ([_number(truth.get(name, {}).get("fraction_of_ceiling"))] if truth else []))
     parts = [f"<h2>Brain prediction ({_e(metrics['split'])} TRs {metrics['test_trs'][0]}-{metrics['test_trs'][1] - 1})</h2>",
              f"<p>Per-voxel Pearson r against the group-mean response; noise ceiling (mean) "
