@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,10 +40,52 @@ def predict(model, store: Store, split: str = "test", batch_size: int = 32) -> n
     return np.concatenate(rows)
 
 
+def _truth(store: Store, split: str) -> Optional[Dict[str, object]]:
+    """A synthetic dataset's ground truth for ``split``: ``folder``, ``carries (voxels,)`` bool (the voxels with
+    signal), ``signal (T, signal voxels)`` (the noise-free response), ``ceiling (signal voxels,)`` (its r against
+    the group mean there), ``kinds (signal voxels,)`` (region kinds, None without ``tuning.npz``); ``skipped``
+    instead when the store's mask is not the truth's; None without a truth."""
+    import nibabel as nib
+
+    movie = store.manifest.get("sources", {}).get("movie", {}).get("path")
+    folder = Path(movie).parent / "_truth" if movie else None
+    if folder is None or not (folder / "signal.npy").is_file() or not (folder / "brain_mask.nii.gz").is_file():
+        return None
+    mask, _ = store.mask()
+    truth_mask = np.asarray(nib.load(str(folder / "brain_mask.nii.gz")).dataobj) > 0
+    if truth_mask.shape != mask.shape or not np.array_equal(truth_mask, mask):
+        return {"folder": folder, "skipped": "the store's voxel mask differs from the truth's brain mask"}
+    start, stop = store.splits[split]
+    signal = np.load(folder / "signal.npy", mmap_mode="r")
+    carries = np.asarray(signal).std(axis=0) > 0
+    group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
+    first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t, the truth's row
+    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
+    kinds = np.load(folder / "tuning.npz")["region_kind"][carries] if (folder / "tuning.npz").is_file() else None
+    return {"folder": folder, "carries": carries, "signal": truth_signal, "ceiling": pearson_r(truth_signal, group[:, carries]),
+            "kinds": kinds}
+
+
+def truth_groups(truth: Dict[str, object]) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    """The voxel groups a truth scores (``signal`` and each kind of region), as ``(voxels,)`` bool over all the
+    store's voxels, and each group's noise-free mean r (``paired_difference``'s ``scales``: fractions of the
+    ceiling)."""
+    carries, ceiling, kinds = truth["carries"], truth["ceiling"], truth["kinds"]
+    inside = {"signal": np.ones(int(carries.sum()), dtype=bool)}
+    if kinds is not None:
+        inside.update({str(kind): kinds == kind for kind in sorted(set(kinds.tolist()))})
+    groups = {}
+    for name, members in inside.items():
+        groups[name] = np.zeros(carries.size, dtype=bool)
+        groups[name][np.flatnonzero(carries)[members]] = True
+    return groups, {name: float(ceiling[members].mean()) for name, members in inside.items()}
+
+
 def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
                   predictions: Optional[Dict[str, np.ndarray]] = None, subjects: Optional[np.ndarray] = None,
-                  loso_ceiling: Optional[np.ndarray] = None, present: Optional[np.ndarray] = None
-                  ) -> Optional[Dict[str, object]]:
+                  loso_ceiling: Optional[np.ndarray] = None, present: Optional[np.ndarray] = None,
+                  leads: Optional[Dict[str, Dict[str, Dict[str, object]]]] = None,
+                  truth: Optional[Dict[str, object]] = None) -> Optional[Dict[str, object]]:
     """Scores on the voxels a synthetic dataset's ground truth says carry signal; None without a truth.
 
     ``scores`` maps a name (``model``, ``ridge``, ...) to per-voxel r against the group mean. Two ceilings:
@@ -51,39 +93,26 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     ``true_signal_r``, the r that the noise-free signal itself reaches against the same group mean on
     the same TRs: what a perfect model scores here. ``fraction_of_ceiling`` divides by the latter. With the
     model's and the baselines' ``predictions``, each baseline's ``model_minus_this`` (on the signal voxels and per
-    kind): the model's lead in fraction of the ceiling, with a 95% interval from a block bootstrap of the TRs.
-    With ``subjects`` (the split's responses, ``(subjects, TRs, voxels)``), the model's prediction and the
-    leave-one-subject-out ``loso_ceiling``, also ``per_subject`` (``_per_subject_truth``; ``present``: which
-    subject has which TR, ``Store.present``).
+    kind): the model's lead in fraction of the ceiling, with a 95% interval from a block bootstrap of the TRs;
+    ``leads[baseline]``, where given, is that bootstrap already run over ``truth_groups`` (``evaluate`` runs one
+    per baseline for all voxels and these groups at once; ``truth``: ``_truth(store, split)``, read here when not
+    given). With ``subjects`` (the split's responses,
+    ``(subjects, TRs, voxels)``), the model's prediction and the leave-one-subject-out ``loso_ceiling``, also
+    ``per_subject`` (``_per_subject_truth``; ``present``: which subject has which TR, ``Store.present``).
     """
-    import nibabel as nib
-
-    movie = store.manifest.get("sources", {}).get("movie", {}).get("path")
-    truth = Path(movie).parent / "_truth" if movie else None
-    if truth is None or not (truth / "signal.npy").is_file() or not (truth / "brain_mask.nii.gz").is_file():
-        return None
-    mask, _ = store.mask()
-    truth_mask = np.asarray(nib.load(str(truth / "brain_mask.nii.gz")).dataobj) > 0
-    if truth_mask.shape != mask.shape or not np.array_equal(truth_mask, mask):
-        return {"folder": str(truth), "skipped": "the store's voxel mask differs from the truth's brain mask"}
-    start, stop = store.splits[split]
-    signal = np.load(truth / "signal.npy", mmap_mode="r")
-    carries = np.asarray(signal).std(axis=0) > 0
-    group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
-    first = int(store.manifest["alignment"]["first_tr"])  # store TR t is scan TR first + t, the truth's row
-    truth_signal = np.asarray(signal[first + start : first + stop], dtype=np.float32)[:, carries]
-    ceiling = pearson_r(truth_signal, group[:, carries])
-    if subjects is not None and subjects.shape[0] > 1 and predictions is not None and "model" in predictions:
-        per_subject = _per_subject_truth(np.asarray(predictions["model"])[:, carries], truth_signal,
-                                         subjects[:, :, carries], loso_ceiling[carries], present)
+    truth = _truth(store, split) if truth is None else truth
+    if truth is None or "skipped" in truth:
+        return None if truth is None else {"folder": str(truth["folder"]), "skipped": truth["skipped"]}
+    folder, carries, truth_signal, ceiling, kinds = (truth[key] for key in ("folder", "carries", "signal", "ceiling", "kinds"))
     result: Dict[str, object] = {
-        "folder": str(truth),
+        "folder": str(folder),
         "signal_voxels": int(carries.sum()),
-        "noise_ceiling": float(np.load(truth / "noise_ceiling.npy")[carries].mean()),
+        "noise_ceiling": float(np.load(folder / "noise_ceiling.npy")[carries].mean()),
         "true_signal_r": float(ceiling.mean()),
     }
     if subjects is not None and subjects.shape[0] > 1 and predictions is not None and "model" in predictions:
-        result["per_subject"] = per_subject
+        result["per_subject"] = _per_subject_truth(np.asarray(predictions["model"])[:, carries], truth_signal,
+                                                   subjects[:, :, carries], loso_ceiling[carries], present)
     for name, r in scores.items():
         result[name] = {"mean_r": float(r[carries].mean()), "fraction_of_ceiling": float(r[carries].mean() / ceiling.mean()),
                         "mean_r_noise_voxels": float(r[~carries].mean()) if (~carries).any() else math.nan}
@@ -92,7 +121,6 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
             # of two models than r against the group mean (1 for a perfect model).
             result[name]["r_vs_signal"] = float(pearson_r(np.asarray(predictions[name], dtype=np.float32)[:, carries], truth_signal).mean())
     # The same per kind of region (visual, auditory, language, mixed): where a model falls short.
-    kinds = np.load(truth / "tuning.npz")["region_kind"][carries] if (truth / "tuning.npz").is_file() else None
     if kinds is not None:
         by_kind: Dict[str, Dict[str, object]] = {}
         for kind in sorted(set(kinds.tolist())):
@@ -105,19 +133,19 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
         result["by_kind"] = by_kind
     # The model against each baseline with the block's own uncertainty, in fractions of the ceiling.
     if predictions is not None and "model" in predictions:
-        groups = {"signal": np.ones(int(carries.sum()), dtype=bool)}
-        if kinds is not None:
-            groups.update({str(kind): kinds == kind for kind in sorted(set(kinds.tolist()))})
-        scales = {name: float(ceiling[members].mean()) for name, members in groups.items()}
-        model = np.asarray(predictions["model"], dtype=np.float32)[:, carries]
+        leads = dict(leads or {})
+        groups, scales = truth_groups(truth)
+        start, stop = store.splits[split]
+        group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
         for name, baseline in predictions.items():
             if name == "model":
                 continue
-            versus = paired_difference(model, np.asarray(baseline, dtype=np.float32)[:, carries], group[:, carries], groups,
-                                       block_trs(store), scales=scales)
-            result[name]["model_minus_this"] = versus["signal"]
+            if name not in leads:
+                leads[name] = paired_difference(np.asarray(predictions["model"], dtype=np.float32), np.asarray(baseline, dtype=np.float32),
+                                                group, groups, block_trs(store), scales=scales)
+            result[name]["model_minus_this"] = leads[name]["signal"]
             for kind in result.get("by_kind", {}):
-                result["by_kind"][kind][name]["model_minus_this"] = versus[kind]
+                result["by_kind"][kind][name]["model_minus_this"] = leads[name][kind]
     return result
 
 
@@ -204,6 +232,9 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
         "baselines": {},
     }
     scores, predictions = {"model": r}, {"model": prediction}
+    truth = _truth(store, split)
+    groups, scales = truth_groups(truth) if truth is not None and "skipped" not in truth else ({}, {})
+    leads: Dict[str, Dict[str, Dict[str, object]]] = {}
     if baseline == "ridge":
         # Frames as the model decodes them: a model that reads none gets no video block here.
         parts = regressor_parts(store, model.stimuli.small_frames)
@@ -230,11 +261,13 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
             }
             scores[name], predictions[name] = fitted_r, fitted
             # Is the model ahead of this baseline by more than the held-out block's own luck? (metrics.paired_difference)
-            metrics["baselines"][name]["model_minus_this"] = paired_difference(
-                prediction, fitted, group, {"all": np.ones(r.size, dtype=bool)}, block_trs(store))["all"]
-    truth = truth_metrics(store, split, scores, predictions, subjects, ceiling, present)
+            # One bootstrap per baseline serves every voxel group: all voxels in mean r, and the truth's groups in
+            # fractions of their ceiling (the same resamples; the figures are each group's own).
+            leads[name] = paired_difference(prediction, fitted, group, {"all": np.ones(r.size, dtype=bool), **groups},
+                                            block_trs(store), scales=scales)
+            metrics["baselines"][name]["model_minus_this"] = leads[name].pop("all")
     if truth is not None:
-        metrics["truth"] = truth
+        metrics["truth"] = truth_metrics(store, split, scores, predictions, subjects, ceiling, present, leads, truth)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     grid = (mask, affine)
