@@ -130,6 +130,11 @@ class ModelConfig:
     # the ridge_banded fit on the training TRs (closed form, before the first step, then held fixed). The
     # network learns what that linear model misses; lesions silence both. Voxel units only (no parcels).
     linear_branch: bool = True
+    # L4-L6 as one trunk per modality (each gets its share of the hidden widths, rounded up), and each voxel's
+    # layer-7 unit reads trunk m in proportion to the banded ridge's kernel weight of stream m at that voxel,
+    # over its largest (set_stream_gate; all 1 until a linear fit sets them): a voxel that only hears is not fit
+    # through the frames and the text. false: one trunk over the fused layer-3 vector, read by every unit.
+    stream_trunks: bool = True
 
 
 @dataclass

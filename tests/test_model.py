@@ -96,7 +96,8 @@ def test_the_sherlock_sized_model_stays_under_400m_parameters():
     with torch.device("meta"):
         model = GibletAutoencoder(dims, ModelConfig())
     assert model.n_parameters() < 400e6
-    assert model.l7_brain.weight.shape == (85_810, ModelConfig().hidden[-1])
+    # One trunk per modality (model.stream_trunks): layer 7 reads each one's share of the last hidden width.
+    assert model.l7_brain.weight.shape == (85_810, 3 * -(-ModelConfig().hidden[-1] // 3))
 
 
 def test_layer_table_names_all_13_layers_and_counts_every_parameter(tiny_store):
@@ -107,6 +108,28 @@ def test_layer_table_names_all_13_layers_and_counts_every_parameter(tiny_store):
     assert sum(row[3] for row in table) == model.n_parameters()
     brain = next(row for row in table if row[0] == "L7 brain")
     assert brain[2] == f"1x{tiny_store.n_voxels}"
+
+
+def test_a_unit_reads_each_trunk_by_its_stream_gate(tiny_store):
+    model = build(tiny_store).eval()
+    n = model.n_units
+    first, second = np.arange(n) < n // 2, np.arange(n) >= n // 2
+    # The first half of the units hear and see (audio twice the frames' weight), the second half only read.
+    weights = {"video": np.where(first, 0.2, 0.0), "audio": np.where(first, 0.4, 0.0), "text": np.where(second, 0.3, 0.0)}
+    model.set_stream_gate(weights)
+    gate = dict(zip(model.modalities, model.stream_gate))
+    torch.testing.assert_close(gate["video"][first], torch.full((n // 2,), 0.5))
+    assert torch.all(gate["codes"][first] == 1) and torch.all(gate["text"][first] == 0)
+    assert torch.all(gate["text"][second] == 1) and torch.all(gate["video"][second] == 0)
+    batch = a_batch(tiny_store)
+    with torch.no_grad():
+        before = model.encode(batch)
+        model.stimuli.text.add_(0.5)  # another text in every window
+        after = model.encode(batch)
+    assert torch.equal(before[:, first], after[:, first]), "a unit whose text gate is 0 ignores the text"
+    assert not torch.allclose(before[:, second], after[:, second])
+    with pytest.raises(ValueError, match="need.*audio"):
+        model.set_stream_gate({"video": np.ones(n), "text": np.ones(n)})
 
 
 def test_a_lesioned_unit_outputs_zero_and_its_weights_get_no_gradient(tiny_store):
@@ -386,7 +409,8 @@ def test_the_reconstruction_gradient_never_reaches_the_brain(tiny_store):
     output = model(batch)
     _, parts = GibletLoss()(output)
     (parts["frames"] + parts["text"] + parts["codes"]).backward()
-    assert model.l7_brain.weight.grad is None and model.l4_l6[0].linear.weight.grad is None, "layers 1-7 get no reconstruction gradient"
+    encoder = list(model.l4_l6.parameters()) + list(model.l7_brain.parameters())
+    assert all(p.grad is None for p in encoder), "layers 1-7 get no reconstruction gradient"
     assert model.l8_l10[0].linear.weight.grad.abs().sum() > 0, "the decoder learns to read layer 7"
     assert model.l13_video.linear.weight.grad.abs().sum() > 0
     # Layer 7 is read as it is: the detached copy the decoder sees has the same values.
@@ -443,7 +467,7 @@ def test_modality_readouts_supervise_each_l2_vector_in_training_only(tiny_store)
     # That term alone trains the L1-L2 paths and the readouts, nothing past the fusion.
     parts["fmri_per_modality"].backward()
     assert model.l2_text.linear.weight.grad.abs().sum() > 0 and model.modality_readouts["text"].weight.grad.abs().sum() > 0
-    assert model.l4_l6[0].linear.weight.grad is None and model.l7_brain.weight.grad is None
+    assert all(p.grad is None for p in list(model.l4_l6.parameters()) + list(model.l7_brain.parameters()))
     # Never in evaluation: predictions, lesions and the decoder read layer 7 alone.
     assert "modality_brain" not in model.eval()(batch)
     assert "fmri_per_modality" not in GibletLoss()(model(batch))[1]

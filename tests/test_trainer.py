@@ -313,7 +313,7 @@ def test_weight_average_follows_the_weights_and_swaps_in_and_out():
 
 def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates(tiny_data, tiny_store, tiny_config, tmp_path):
     from giblet.eval.lesion import load_run
-    from giblet.linear import banded_ridge, regressor_parts
+    from giblet.linear import BandedRidge, banded_ridge, regressor_parts
 
     # With the teacher as well: the branch and the teacher come from one banded fit.
     out = _one_epoch(tiny_data, tiny_store, tiny_config, tmp_path, {"linear_branch": True}, {"fmri_teacher": 0.5})
@@ -329,4 +329,10 @@ def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates
     prediction = np.asarray(nib.load(str(out / "eval" / "prediction_test.nii.gz")).dataobj)[tiny_store.mask()[0]].T
     assert prediction.shape == (stop - start, tiny_store.n_voxels)
     assert float(np.mean([np.corrcoef(prediction[:, v], banded[:, v])[0, 1] for v in range(0, tiny_store.n_voxels, 97)])) > 0.8
+    # Each unit reads the trunks of the streams that fit weighs at its voxel, the largest in full.
+    fit = BandedRidge(tiny_store.tr_s, "glover", preshift_trs=tiny_store.preshift_trs).fit(
+        parts, np.asarray(tiny_store.fmri_mean(), dtype=np.float32), rows=slice(*tiny_store.splits["train"]))
+    expected = fit.block_weights_ / fit.block_weights_.max(axis=0)
+    order = [list(parts).index("audio" if m in ("codes", "mel") else m) for m in model.modalities]
+    np.testing.assert_allclose(model.stream_gate.numpy(), expected[order], atol=1e-6)
     assert np.isfinite(metrics["mean_r"])

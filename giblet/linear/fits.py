@@ -62,7 +62,8 @@ class LinearPrior:
     (``WindowDataset.offset_targets``), ``cross_fit`` the teacher (``WindowDataset.blend_targets``). ``shares``:
     the banded ridge's block weight shares. ``reliability (voxels,)`` float32: each voxel's Pearson r between
     ``cross_fit`` and the target on the training TRs, how well the stimulus predicts it out of sample (the
-    decoder's gain, ``model.set_decoder_gain``). All None when neither a branch nor a teacher asked for the fit."""
+    decoder's gain, ``model.set_decoder_gain``). ``block_weights``: ``{block: (voxels,)}``, each voxel's share of
+    kernel weight per block (``BandedRidge.block_weights_``; ``model.set_stream_gate``). All None when neither a branch nor a teacher asked for the fit."""
 
     weight: Optional[np.ndarray]
     bias: Optional[np.ndarray]
@@ -70,6 +71,7 @@ class LinearPrior:
     cross_fit: Optional[np.ndarray]
     shares: Optional[Dict[str, float]]
     reliability: Optional[np.ndarray] = None
+    block_weights: Optional[Dict[str, np.ndarray]] = None
 
 
 def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: bool = True, teacher: bool = True,
@@ -82,18 +84,19 @@ def linear_prior(store: Store, parts: Dict[str, np.ndarray], hrf: str, branch: b
     ``banded_ridge`` predicts; ``hrf_regressors @ weight + bias`` differs from it by the float32 rounding of the
     kernels, ~1e-4 of the spread). Seeded: every process computes the same prior from the same store.
     """
-    weight = bias = fit = cross_fit = shares = reliability = None
+    weight = bias = fit = cross_fit = shares = reliability = block_weights = None
     if branch or teacher:
         train = slice(*store.splits["train"])
         y = _target(store, target)
         banded = BandedRidge(store.tr_s, hrf, n_iter, seed, preshift_trs=store.preshift_trs).fit(parts, y, rows=train)
         shares = banded.block_shares_
+        block_weights = dict(zip(parts, banded.block_weights_))
         if branch:
             weight, bias = banded.linear_map()
         fit = banded.predict(parts, rows=train)
         cross_fit = banded.predict_cross_fitted(y, rows=train)
         reliability = cross_fitted_r(y[train], cross_fit)
-    return LinearPrior(weight, bias, fit, cross_fit, shares, reliability)
+    return LinearPrior(weight, bias, fit, cross_fit, shares, reliability, block_weights)
 
 
 def cross_fitted_r(target: np.ndarray, cross_fit: np.ndarray, block: int = 8192) -> np.ndarray:

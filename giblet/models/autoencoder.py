@@ -134,7 +134,10 @@ class Fusion(nn.Module):
 
 
 class Brain(nn.Module):
-    """L7: one unit per voxel; native ``bottleneck`` with identity activation and the lesion mask."""
+    """L7: one unit per voxel; native ``bottleneck`` with identity activation and the lesion mask.
+
+    With one trunk per modality (``model.stream_trunks``) it reads a list of their L6 outputs, each through its
+    own block of columns, times each unit's gate for that trunk: ``(trunks, units)``."""
 
     def __init__(self, width_in: int, n_units: int) -> None:
         super().__init__()
@@ -142,8 +145,13 @@ class Brain(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_units))
         self.register_buffer("keep", torch.ones(n_units, dtype=torch.bool))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.bottleneck(x, self.weight, self.bias, self.keep, "identity")
+    def forward(self, x: Union[torch.Tensor, List[torch.Tensor]], gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return ops.bottleneck(x, self.weight, self.bias, self.keep, "identity")
+        brain, share = self.bias, self.weight.shape[1] // len(x)
+        for i, trunk in enumerate(x):
+            brain = brain + F.linear(trunk, self.weight[:, i * share : (i + 1) * share]) * gate[i]
+        return brain * self.keep.to(brain.dtype)
 
 
 class SlotDecoder(nn.Module):
@@ -231,9 +239,21 @@ class GibletAutoencoder(nn.Module):
             nn.ModuleDict({m: nn.Linear(width, self.n_units) for m in self.modalities}) if config.modality_readouts else None
         )
         hidden = list(config.hidden)
-        widths = [width * len(self.modalities)] + hidden
-        self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
-        self.l7_brain = Brain(hidden[-1], self.n_units)
+        if config.stream_trunks:
+            share = [-(-h // len(self.modalities)) for h in hidden]
+            widths = [width] + share
+            self.l4_l6 = nn.ModuleDict({
+                m: nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
+                for m in self.modalities
+            })
+            # Columns [i * share, (i + 1) * share) of layer 7's weight read modality i's trunk.
+            self.l7_brain = Brain(share[-1] * len(self.modalities), self.n_units)
+            self.register_buffer("stream_gate", torch.ones(len(self.modalities), self.n_units))
+        else:
+            widths = [width * len(self.modalities)] + hidden
+            self.l4_l6 = nn.ModuleList(Block(widths[i], widths[i + 1], config.dropout) for i in range(len(hidden)))
+            self.l7_brain = Brain(hidden[-1], self.n_units)
+            self.stream_gate = None
         if config.linear_branch:
             # Empty until set_linear_branch: the width is the store's number of regressors.
             self.register_buffer("linear_weight", torch.zeros(0, self.n_units))
@@ -287,6 +307,23 @@ class GibletAutoencoder(nn.Module):
             raise ValueError(f"reliability has shape {values.shape}; expected ({self.n_units},), one value per unit")
         gain = torch.as_tensor(decoder_gain(values), dtype=torch.float32)
         self.decoder_gain.copy_(gain.to(self.decoder_gain.device))
+
+    def set_stream_gate(self, block_weights: Dict[str, np.ndarray]) -> None:
+        """How much each unit reads each modality's trunk (``model.stream_trunks``): ``block_weights`` is the banded
+        ridge's ``{video, audio, text: (units,)}`` kernel weights (``LinearPrior.block_weights``; audio serves codes
+        or mel); unit v reads trunk m by its block's weight over the largest block's weight at v."""
+        if self.stream_gate is None:
+            raise RuntimeError("this model has one fused trunk (model.stream_trunks is false): there is no stream gate")
+        blocks = ["audio" if m in ("codes", "mel") else m for m in self.modalities]
+        missing = [b for b in blocks if b not in block_weights]
+        if missing:
+            raise ValueError(f"block weights for {sorted(block_weights)}; the model's streams need {missing} too")
+        rows = np.stack([np.asarray(block_weights[b], dtype=np.float64) for b in blocks])
+        if rows.shape != (len(blocks), self.n_units) or not np.all(rows >= 0) or not np.all(rows.max(axis=0) > 0):
+            raise ValueError(f"block weights of shape {rows.shape}; expected ({len(blocks)}, {self.n_units}), >= 0 with a "
+                             f"positive weight at every unit")
+        gate = torch.as_tensor(rows / rows.max(axis=0, keepdims=True), dtype=torch.float32)
+        self.stream_gate.copy_(gate.to(self.stream_gate.device))
 
     def set_linear_branch(self, weight, bias) -> None:
         """The linear branch's map: ``weight (regressors, units)``, ``bias (units,)`` (``banded_linear_map``)."""
@@ -350,14 +387,27 @@ class GibletAutoencoder(nn.Module):
             vectors.append(getattr(self, f"l2_{modality}")(slots))
         if vectors_out is not None:
             vectors_out.update(zip(self.modalities, vectors))
-        x = self.l3_fusion(vectors)
-        for block in self.l4_l6:
-            x = block(x)
-        brain = self.l7_brain(x)
+        if self.stream_gate is not None:
+            brain = self._stream_brain(vectors)
+        else:
+            x = self.l3_fusion(vectors)
+            for block in self.l4_l6:
+                x = block(x)
+            brain = self.l7_brain(x)
         if self.linear_weight is not None and self.linear_weight.numel():
             # Lesioned units stay exactly 0: the branch is silenced with them.
             brain = brain + self._linear(batch).to(brain.dtype) * self.l7_brain.keep.to(brain.dtype)
         return brain
+
+    def _stream_brain(self, vectors: List[torch.Tensor]) -> torch.Tensor:
+        """Layer 7 from one trunk per modality: unit v = bias_v + the sum over modalities m of gate[m, v] x trunk
+        m's L6 output through its columns of the weight; lesioned units 0."""
+        trunks = []
+        for modality, x in zip(self.modalities, vectors):
+            for block in self.l4_l6[modality]:
+                x = block(x)
+            trunks.append(x)
+        return self.l7_brain(trunks, self.stream_gate)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         """Layer 7 for a batch of windows: ``(B, units)``, lesioned units exactly 0."""
@@ -503,7 +553,9 @@ class GibletAutoencoder(nn.Module):
         """(layer, input shape, output shape, parameters) for every named layer, traced with placeholder tables."""
         entries = []
         for name, module in self.named_children():
-            if name in ("l4_l6", "l8_l10"):
+            if name == "l4_l6" and isinstance(module, nn.ModuleDict):  # one trunk per modality
+                entries += [(f"L{4 + i} encoder {m}", layer) for m, trunk in module.items() for i, layer in enumerate(trunk)]
+            elif name in ("l4_l6", "l8_l10"):
                 first, kind = (4, "encoder") if name == "l4_l6" else (8, "decoder")
                 entries += [(f"L{first + i} {kind}", layer) for i, layer in enumerate(module)]
             elif name[0] == "l" and name[1:].split("_")[0].isdigit():

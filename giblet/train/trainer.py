@@ -256,6 +256,9 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
         # see, and not at all within chance (decoder_gain): a voxel of noise is ridge-fit noise in layer 7, which
         # the decoder could otherwise read like any unit, and would then carry in every lesion map.
         model.set_decoder_gain(prior.reliability)
+        if m.stream_trunks:
+            # Each unit reads the trunks of the streams the banded ridge weighs at its voxel (model.stream_trunks).
+            model.set_stream_gate(prior.block_weights)
     # Every buffer (lesion mask, input statistics, the grid, the linear branch) is set the same on every rank
     # and never changes in training: nothing to broadcast each step.
     use_cuda = procs.device.type == "cuda"
