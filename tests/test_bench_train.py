@@ -100,10 +100,10 @@ def test_both_variants_give_the_same_loss_and_gradients(features):
 
 
 def test_a_wrong_reference_is_caught_before_any_timing(monkeypatch):
-    def shifted(x, weight, bias=None, mask=None, activation="identity"):
-        return ops_reference.bottleneck(x, weight, bias, mask, activation) + 0.05
+    def shifted(*args, **kwargs):
+        return ops_reference.gather_project(*args, **kwargs) + 0.05
 
-    monkeypatch.setattr(REFERENCE_OPS, "bottleneck", shifted)
+    monkeypatch.setattr(REFERENCE_OPS, "gather_project", shifted)
     timed = []
     monkeypatch.setattr(bench_train, "time_steps", lambda *args: timed.append(args) or [[1.0], [1.0]])
     with pytest.raises(VariantsDisagree, match="loss differs"):
@@ -195,7 +195,7 @@ def test_cli_check_fails_when_the_native_step_is_not_faster(tmp_path, monkeypatc
 def test_cli_reports_disagreeing_variants(tmp_path, monkeypatch):
     settings = tmp_path / "small.yaml"
     settings.write_text(SMALL_YAML)
-    monkeypatch.setattr(REFERENCE_OPS, "bottleneck", lambda *args, **kwargs: ops_reference.bottleneck(*args, **kwargs) * 2)
+    monkeypatch.setattr(REFERENCE_OPS, "gather_project", lambda *args, **kwargs: ops_reference.gather_project(*args, **kwargs) * 2)
     args = ["bench", "--case", "train_step", "--train-steps", "2", "--train-batch", "2", "--train-config", str(settings),
             "--train-threads", "1"]
     result = runner.invoke(app, args)
