@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from giblet import ops
 from giblet.config import ModelConfig
-from giblet.models.stimuli import MODALITIES, ModelDims, Stimuli
+from giblet.models.stimuli import INPUT_OF, MODALITIES, ModelDims, Stimuli
 
 Batch = Dict[str, torch.Tensor]
 
@@ -314,7 +314,7 @@ class GibletAutoencoder(nn.Module):
         or mel); unit v reads trunk m by its block's weight over the largest block's weight at v."""
         if self.stream_gate is None:
             raise RuntimeError("this model has one fused trunk (model.stream_trunks is false): there is no stream gate")
-        blocks = ["audio" if m in ("codes", "mel") else m for m in self.modalities]
+        blocks = [INPUT_OF[m] for m in self.modalities]
         missing = [b for b in blocks if b not in block_weights]
         if missing:
             raise ValueError(f"block weights for {sorted(block_weights)}; the model's streams need {missing} too")

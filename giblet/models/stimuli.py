@@ -17,6 +17,8 @@ import torch
 from giblet.linear import area_resize, hrf_regressors, regressor_parts
 
 MODALITIES = ("video", "codes", "mel", "text")
+# The input (model.inputs; the linear models' regressor block) each modality belongs to: codes and mel are audio.
+INPUT_OF = {"video": "video", "codes": "audio", "mel": "audio", "text": "text"}
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,9 @@ class ModelDims:
     def restricted_to(self, inputs: Sequence[str]) -> "ModelDims":
         """These dimensions with no slots for the input modalities (video, audio, text) not in ``inputs``."""
         dims = self
-        for name, streams in (("video", ("video",)), ("audio", ("codes", "mel")), ("text", ("text",))):
+        for stream, name in INPUT_OF.items():
             if name not in inputs:
-                for stream in streams:
-                    dims = dims.without(stream)
+                dims = dims.without(stream)
         return dims
 
     def to_dict(self) -> Dict[str, Any]:
