@@ -134,9 +134,10 @@ def truth_metrics(store: Store, split: str, scores: Dict[str, np.ndarray],
     # The model against each baseline with the block's own uncertainty, in fractions of the ceiling.
     if predictions is not None and "model" in predictions:
         leads = dict(leads or {})
-        groups, scales = truth_groups(truth)
-        start, stop = store.splits[split]
-        group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
+        if any(name != "model" and name not in leads for name in predictions):  # evaluate passes them all
+            groups, scales = truth_groups(truth)
+            start, stop = store.splits[split]
+            group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
         for name, baseline in predictions.items():
             if name == "model":
                 continue
