@@ -479,6 +479,37 @@ def test_modality_readouts_supervise_each_l2_vector_in_training_only(tiny_store)
     assert "modality_brain" not in build(tiny_store).train()(batch)
 
 
+def test_an_inference_checkpoint_leaves_the_readouts_out_and_predicts_the_same(tiny_store, tmp_path):
+    model = build(tiny_store, config=dataclasses.replace(SMALL, modality_readouts=True)).eval()
+    full = save_checkpoint(model, tmp_path / "full.pt")
+    lean = save_checkpoint(model, tmp_path / "lean.pt", inference_only=True)
+    weights = torch.load(lean, weights_only=True)["model"]
+    assert not any(key.startswith("modality_readouts.") for key in weights)
+    assert set(weights) | {k for k in model.state_dict() if k.startswith("modality_readouts.")} == set(model.state_dict())
+    assert lean.stat().st_size < full.stat().st_size
+    loaded = giblet.load(lean).eval().attach(model.stimuli)
+    assert loaded.modality_readouts is None and giblet.load(full).modality_readouts is not None
+    batch = a_batch(tiny_store)
+    with torch.no_grad():
+        brain = model.encode(batch)
+        torch.testing.assert_close(loaded.encode(batch), brain, rtol=0, atol=0)
+        for name, value in model.decode(brain).items():
+            torch.testing.assert_close(loaded.decode(brain)[name], value, rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_stream_trunks_loads_as_the_fused_trunk_it_was(tiny_store, tmp_path):
+    model = build(tiny_store, config=dataclasses.replace(SMALL, stream_trunks=False)).eval()
+    path = save_checkpoint(model, tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload["architecture"]["model"]["stream_trunks"]  # written before the setting existed
+    torch.save(payload, path)
+    loaded = giblet.load(path).eval().attach(model.stimuli)
+    assert loaded.config.stream_trunks is False
+    batch = a_batch(tiny_store)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(batch), model.encode(batch), rtol=0, atol=0)
+
+
 def test_mel_input_is_standardized_with_training_statistics_saved_in_the_checkpoint(tiny_store, tmp_path):
     dims = dims_from_manifest(tiny_store.manifest, "mel")
     model = build(tiny_store, dims).eval()

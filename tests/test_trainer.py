@@ -77,7 +77,12 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     assert steps[-1]["lr"] < steps[0]["lr"]  # the cosine schedule, stepped per optimizer step
     state = read_checkpoint(out / "checkpoints" / "last.pt")
     assert state["store_key"] == tiny_store.key and state["epoch"] == 2
-    assert {"optimizer", "scheduler", "rng", "step", "config"} <= set(state)
+    assert {"optimizer", "scheduler", "rng", "step", "config", "raw_model"} <= set(state)
+    assert any(key.startswith("modality_readouts.") for key in state["model"])
+    # best.pt is what evaluating and lesioning read: the averaged weights alone, without the training-only readouts.
+    best = read_checkpoint(out / "checkpoints" / "best.pt")
+    assert not {"optimizer", "scheduler", "rng", "raw_model"} & set(best) and {"step", "epoch", "config", "store_key"} <= set(best)
+    assert not any(key.startswith("modality_readouts.") for key in best["model"])
     model = giblet.load(out)
     assert model.n_units == tiny_store.n_voxels
     # L1 reads mel standardized by the statistics of the training windows, the ones the mel loss uses.

@@ -549,6 +549,11 @@ class GibletAutoencoder(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def inference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``state_dict`` less the training-only modality readouts: what predicting, evaluating and lesioning read
+        (at Sherlock's shapes the readouts are 66 M of the 159 M parameters)."""
+        return {key: value for key, value in self.state_dict().items() if not key.startswith("modality_readouts.")}
+
     def layer_table(self, batch_size: int = 1) -> List[Tuple[str, str, str, int]]:
         """(layer, input shape, output shape, parameters) for every named layer, traced with placeholder tables."""
         entries = []

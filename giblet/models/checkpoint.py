@@ -29,11 +29,13 @@ def architecture(model: GibletAutoencoder) -> Dict[str, Any]:
     return {"dims": model.dims.to_dict(), "model": dataclasses.asdict(model.config), "n_units": model.n_units}
 
 
-def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], **extra: Any) -> Path:
-    """Write the model (weights, architecture, voxel grid) and ``extra`` entries atomically."""
+def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], inference_only: bool = False, **extra: Any) -> Path:
+    """Write the model (weights, architecture, voxel grid) and ``extra`` entries atomically; ``inference_only``:
+    without the training-only modality readouts (``GibletAutoencoder.inference_state_dict``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT_VERSION, "architecture": architecture(model), "model": model.state_dict(), **extra}
+    weights = model.inference_state_dict() if inference_only else model.state_dict()
+    payload = {"format": FORMAT_VERSION, "architecture": architecture(model), "model": weights, **extra}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(payload, tmp)
@@ -46,7 +48,7 @@ def save_checkpoint(model: GibletAutoencoder, path: Union[str, Path], **extra: A
         previous = path.is_file()
         raise DataError(
             path, f"could not be written ({str(error).splitlines()[0]}); {free:,.0f} MiB free on its disk",
-            expected=f"room for about {need:,.0f} MiB (the weights and the optimizer state)",
+            expected=f"room for about {need:,.0f} MiB (the weights{' and the optimizer state' if 'optimizer' in extra else ''})",
             fix="free disk space or write the run elsewhere, then continue with --resume: the checkpoint there before is intact"
             if previous else "free disk space or write the run elsewhere, then train again: no checkpoint of this run was written yet",
         ) from error
@@ -111,6 +113,7 @@ OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std", "decoder_gain")
 # widths that are now model.slot_features, with which a checkpoint loads when each equals it (as every shipped file had).
 REMOVED_SETTINGS = tuple(key.split(".", 1)[1] for key in REMOVED if key.startswith("model."))
 MERGED_INTO_SLOT_FEATURES = ("code_features", "mel_features", "segment_features")
+SETTINGS_BEFORE_THEY_EXISTED = {"stream_trunks": False}  # layers 4-6 were one fused trunk
 
 
 def _model_settings(saved: Dict[str, Any], path: Path) -> Dict[str, Any]:
@@ -121,7 +124,9 @@ def _model_settings(saved: Dict[str, Any], path: Path) -> Dict[str, Any]:
         if key in saved and saved[key] != slot:
             raise DataError(path, f"a model with model.{key} {saved[key]} and model.slot_features {slot}",
                             expected=f"one width for both (model.{key} is now model.slot_features)", fix="retrain with this version")
-    return {key: value for key, value in saved.items() if key in fields or key not in REMOVED_SETTINGS}
+    settings = {key: value for key, value in saved.items() if key in fields or key not in REMOVED_SETTINGS}
+    # Settings added since: the value that reproduces what a checkpoint from before them was (not today's default).
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **settings}
 
 
 def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> GibletAutoencoder:
@@ -140,6 +145,8 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     model.grid_mask = torch.empty_like(state["grid_mask"])
     if model.linear_weight is not None and "linear_weight" in state:
         model.linear_weight = torch.empty_like(state["linear_weight"])  # sized by the store's regressors
+    if model.modality_readouts is not None and not any(key.startswith("modality_readouts.") for key in state):
+        model.modality_readouts = None  # saved for inference (best.pt): the readouts only ever served training
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Checkpoints from before the mel input was standardized have no statistics: they read raw mel (mean 0, std 1).
     missing = [key for key in missing if key not in OPTIONAL_BUFFERS]
