@@ -182,6 +182,9 @@ class Head(nn.Module):
         return out.sigmoid_() if self.sigmoid else out
 
 
+# The modules only training reads (model.modality_readouts): left out of an inference checkpoint.
+TRAINING_ONLY = "modality_readouts."
+
 CHANCE_SPREADS = 2.0  # how many spreads of chance r a voxel's r must pass for the decoder to read its unit
 
 
@@ -552,7 +555,7 @@ class GibletAutoencoder(nn.Module):
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:
         """``state_dict`` less the training-only modality readouts: what predicting, evaluating and lesioning read
         (at Sherlock's shapes the readouts are 66 M of the 159 M parameters)."""
-        return {key: value for key, value in self.state_dict().items() if not key.startswith("modality_readouts.")}
+        return {key: value for key, value in self.state_dict().items() if not key.startswith(TRAINING_ONLY)}
 
     def layer_table(self, batch_size: int = 1) -> List[Tuple[str, str, str, int]]:
         """(layer, input shape, output shape, parameters) for every named layer, traced with placeholder tables."""

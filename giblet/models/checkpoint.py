@@ -18,7 +18,7 @@ import torch
 
 from giblet.config import REMOVED, ModelConfig
 from giblet.errors import DataError
-from giblet.models.autoencoder import GibletAutoencoder
+from giblet.models.autoencoder import TRAINING_ONLY, GibletAutoencoder
 from giblet.models.stimuli import ModelDims
 
 FORMAT_VERSION = 1
@@ -145,7 +145,7 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     model.grid_mask = torch.empty_like(state["grid_mask"])
     if model.linear_weight is not None and "linear_weight" in state:
         model.linear_weight = torch.empty_like(state["linear_weight"])  # sized by the store's regressors
-    if model.modality_readouts is not None and not any(key.startswith("modality_readouts.") for key in state):
+    if model.modality_readouts is not None and not any(key.startswith(TRAINING_ONLY) for key in state):
         model.modality_readouts = None  # saved for inference (best.pt): the readouts only ever served training
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Checkpoints from before the mel input was standardized have no statistics: they read raw mel (mean 0, std 1).

@@ -322,18 +322,15 @@ class Checkpointer:
         set_rng_state(state["rng"][min(self.procs.rank, len(state["rng"]) - 1)])
         return Position(state["step"], state["epoch"], state["best_r"], state["stale"])
 
-    def save(self, name: str, at: Position) -> None:
-        """``last.pt``: everything ``resume`` reads. ``best.pt``: the model as predicting, evaluating and lesioning read
-        it (the averaged weights, without the optimizer state, the raw weights and the training-only readouts: at
-        Sherlock's shapes 0.5 GiB of the 2.6 GiB a resumable checkpoint holds)."""
-        about = dict(step=at.step, epoch=at.epoch, best_r=at.best_r, stale=at.stale, config=self.config.to_dict(),
-                     store_key=self.store.key)
-        model, ema = self.parts.model, self.parts.ema
-        if name == "best.pt":
-            if self.procs.master:
-                with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                    save_checkpoint(model, self.folder / name, inference_only=True, **about)
-            return
+    def save_best(self, at: Position) -> None:
+        """``best.pt``: the model as predicting, evaluating and lesioning read it (the averaged weights, without the
+        optimizer state, the raw weights and the training-only readouts: at Sherlock's shapes 0.5 GiB of the 2.6 GiB
+        ``last.pt`` holds)."""
+        if self.procs.master:
+            self._write("best.pt", at, inference_only=True)
+
+    def save_last(self, at: Position) -> None:
+        """``last.pt``: everything ``resume`` reads."""
         states = [None] * self.procs.world
         if self.procs.world > 1:
             dist.all_gather_object(states, rng_state())  # every rank's generators: an exact resume
@@ -341,10 +338,17 @@ class Checkpointer:
             states = [rng_state()]
         if not self.procs.master:
             return
-        raw = {"raw_model": {k: v.clone() for k, v in model.state_dict().items()}} if ema is not None else {}
+        model = self.parts.model
+        raw = {"raw_model": {k: v.clone() for k, v in model.state_dict().items()}} if self.parts.ema is not None else {}
+        self._write("last.pt", at, optimizer=self.parts.optimizer.state_dict(), scheduler=self.parts.scheduler.state_dict(),
+                    rng=states, **raw)
+
+    def _write(self, name: str, at: Position, **extra) -> None:
+        """The model with the weight average swapped in, where training's position and settings are, and ``extra``."""
+        ema = self.parts.ema
         with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-            save_checkpoint(model, self.folder / name, optimizer=self.parts.optimizer.state_dict(),
-                            scheduler=self.parts.scheduler.state_dict(), rng=states, **about, **raw)
+            save_checkpoint(self.parts.model, self.folder / name, step=at.step, epoch=at.epoch, best_r=at.best_r,
+                            stale=at.stale, config=self.config.to_dict(), store_key=self.store.key, **extra)
 
 
 class MetricsLog:
@@ -425,7 +429,7 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
                     best = at.best_r if at.best_r > -math.inf else math.nan
                     progress.describe(f"train loss {mean_loss:.3f} | val r {best:.3f} | {rate:.1f} TRs/s")
                 if t.checkpoint_every_steps and at.step % t.checkpoint_every_steps == 0:
-                    checkpoints.save("last.pt", at)
+                    checkpoints.save_last(at)
             at.epoch += 1
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                 result = validate(model, parts.val_set, parts.per_rank * t.grad_accum, procs, parts.autocast)
@@ -434,8 +438,8 @@ def train(config: Config, store: Store, out: Path, resume: bool = False) -> Dict
             result.update(epoch=at.epoch, step=at.step, best_val_r=at.best_r)
             log.write("val", result)
             if improved:
-                checkpoints.save("best.pt", at)
-            checkpoints.save("last.pt", at)
+                checkpoints.save_best(at)
+            checkpoints.save_last(at)
     log.close()
     return result
 
