@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from giblet.data import synth
 from giblet.data.alignment import convolve_hrf
@@ -91,9 +90,7 @@ def main(data: Path, store_path: Path) -> None:
     print(f"  ridge on the exact responses of the {units.shape[1]} neural units: "
           f"{fraction(fir_ridge(units, 0)):.3f}")
 
-    blocks = regressor_parts(store, torch.nn.functional.interpolate(
-        torch.from_numpy(np.asarray(store.frames())).permute(0, 3, 1, 2).float(), size=(18, 32), mode="area"
-    ).to(torch.uint8))
+    blocks = regressor_parts(store)
     fixed = np.concatenate(list(blocks.values()), axis=1)
     print(f"  the baseline's fixed features ({fixed.shape[1]}), {delays + 1} FIR delays: "
           f"{fraction(fir_ridge(fixed, delays)):.3f}")

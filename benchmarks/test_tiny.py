@@ -37,7 +37,7 @@ MAX_STEPS = 400
 # network (the linear branch and the modality readouts are on by default).
 SMALL = ModelConfig(
     frame_features=16, modality_width=32,
-    hidden=[128, 128, 128], dropout=0.0, slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
+    hidden=[128, 128, 128], dropout=0.0, slot_features=16,
     linear_branch=False, modality_readouts=False,
 )
 STORE_SETTINGS = {"data": {"subjects": [1, 2]}, "audio": {"features": ["mel"]}, "window": {"lookback_s": 8.0, "hrf_length_s": 20.0}}
@@ -70,7 +70,7 @@ def build(store) -> GibletAutoencoder:
     dims = dims_from_manifest(store.manifest)
     model = GibletAutoencoder(dims, SMALL)
     model.set_grid(*store.mask())
-    return model.attach(Stimuli.from_store(store, dims, SMALL.decoded_frame_height, SMALL.decoded_frame_width))
+    return model.attach(Stimuli.from_store(store, dims))
 
 
 def test_overfit(benchmark, two_subject_store):

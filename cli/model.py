@@ -29,7 +29,7 @@ def model(
 
         dims, where = dims_from_manifest(open_store(store).manifest, settings.model.audio_input, settings.model.inputs), str(store)
     else:
-        dims, where = sherlock_dims(embedding_size).restricted_to(settings.model.inputs), f"Sherlock's shapes ({embedding_size}-d text)"
+        dims, where = sherlock_dims(embedding_size, settings.video.height, settings.video.width).restricted_to(settings.model.inputs), f"Sherlock's shapes ({embedding_size}-d text)"
     network = GibletAutoencoder(dims, settings.model)
     print_layer_table(network, f"giblet model for {escape(where)}")
     per_sample = activation_bytes_per_sample(network)

@@ -51,8 +51,8 @@ class AlignmentConfig:
 
 @dataclass
 class VideoConfig:
-    # Frames are stored this small: at 32x18 the model reads what a coarse retinotopic map sees, and the
-    # decoder's targets are the same frames (measured: docs/experiments.md).
+    # Frames are stored this small: at 32x18 the model reads what a coarse retinotopic map sees (measured:
+    # docs/experiments.md), and layer 13 reconstructs these same frames.
     width: int = 32
     height: int = 18
 
@@ -115,8 +115,6 @@ class ModelConfig:
     temporal_kernels: int = 4  # L2: 0 = a weight per (slot, feature); k = k temporal kernels shared by the features
     hidden: List[int] = field(default_factory=lambda: [512, 512, 512])  # L4-L6 widths; L8-L10 mirror them
     dropout: float = 0.2
-    decoded_frame_width: int = 32  # L13: decoded frames are this small (the targets are area-averaged to it)
-    decoded_frame_height: int = 18
     audio_input: str = "auto"  # codes, mel, or auto (codes when the store has them, else mel)
     # Input modalities the encoder reads (and the decoder reconstructs): a single-modality model is the
     # control that shows what one stream alone predicts of each region.
@@ -234,6 +232,8 @@ REMOVED = {
     "train.time_jitter": "it only lowered the scores",
     "loss.fmri": "the fMRI term is the unit the other weights are relative to",
     "loss.fmri_per_modality": "the modality readouts' weight is that of the fMRI term",
+    "model.decoded_frame_width": "the decoder reconstructs the store's frames, video.width wide",
+    "model.decoded_frame_height": "the decoder reconstructs the store's frames, video.height high",
 }
 
 
@@ -307,8 +307,7 @@ def _check_values(config: Config, source: str) -> None:
     positive = [
         ("video", "width"), ("video", "height"), ("audio", "n_mels"),
         ("window", "video_slots"), ("window", "code_slots"), ("window", "mel_slots"), ("window", "text_slots"),
-        ("model", "frame_features"), ("model", "modality_width"), ("model", "slot_features"), ("model", "decoded_frame_width"),
-        ("model", "decoded_frame_height"),
+        ("model", "frame_features"), ("model", "modality_width"), ("model", "slot_features"),
     ]
     for section, key in positive:
         value = getattr(getattr(config, section), key)

@@ -129,7 +129,7 @@ def wired_run(regions, tiny_store, tmp_path_factory):
     # movie's): pixels towards whichever of 0 and 1 is further, mel bands up or down; the loss then only rises with
     # the share of the region silenced.
     model = wired_model(tiny_store, auditory, visual)
-    model.attach(Stimuli.from_store(tiny_store, model.dims, 18, 32)).eval()
+    model.attach(Stimuli.from_store(tiny_store, model.dims)).eval()
     scales = lesion_mod.LossScales.from_store(tiny_store, model)
     targets = [t for _, _, t in lesion_mod._encode(model, WindowDataset(tiny_store, "test", "cross_subject"))]
     frames = torch.cat([t["video"][t["video_valid"]] for t in targets])

@@ -3,10 +3,11 @@ on a store (evaluate's baselines, the trainer's linear branch and teacher)."""
 
 import numpy as np
 import pytest
+import torch
 
 from giblet.data.alignment import convolve_hrf, fir_delays
 from giblet.eval.metrics import pearson_r
-from giblet.linear import (BandedRidge, FirRidge, HrfRidge, area_resize, banded_ridge, convolve_parts, fit_splits,
+from giblet.linear import (BandedRidge, FirRidge, HrfRidge, banded_ridge, convolve_parts, fit_splits,
                            hrf_regressors, linear_prior, regressor_parts)
 
 TR = 1.5
@@ -99,26 +100,30 @@ def test_the_banded_ridge_gives_each_voxel_the_block_that_drives_it_and_is_one_l
 # --------------------------------------------------------------------------- on a store
 
 
-def test_the_regressor_blocks_come_from_the_decoded_frames_or_the_store_s_frames(tiny_store):
+def test_the_regressor_blocks_come_from_the_store_s_frames_read_or_given(tiny_store):
     n = tiny_store.n_trs
-    without = regressor_parts(tiny_store, None)  # no frames given, no size: no video block
+    without = regressor_parts(tiny_store, video=False)
     assert set(without) == {"audio", "text"}
     assert without["audio"].shape == (n, tiny_store.manifest["audio"]["mel"]["n_mels"])
     assert without["text"].shape == (n, tiny_store.manifest["text"]["embedding_size"])
-    # A model that reads no frames still gets the video block, from the store's frames at its decoded size.
-    small = area_resize(tiny_store.frames(), 9, 16)
-    fallback = regressor_parts(tiny_store, None, 9, 16)
-    given = regressor_parts(tiny_store, small)
-    assert list(fallback) == ["video", "audio", "text"] and fallback["video"].shape == (n, 36)
+    # The frames read from the store, or given as a model holds them (channel-first): the same blocks.
+    read = regressor_parts(tiny_store)
+    given = regressor_parts(tiny_store, torch.from_numpy(np.asarray(tiny_store.frames())).permute(0, 3, 1, 2))
+    assert list(read) == ["video", "audio", "text"] and read["video"].shape == (n, 36)
     for name in given:
-        np.testing.assert_array_equal(fallback[name], given[name])
+        np.testing.assert_array_equal(read[name], given[name])
+    # A movie twice as bright (where it does not saturate) doubles the video block and leaves the others.
+    dim = torch.from_numpy(np.asarray(tiny_store.frames()) // 2).permute(0, 3, 1, 2)
+    halved = regressor_parts(tiny_store, dim)
+    assert np.abs(2 * halved["video"] - read["video"]).max() <= 1.001 / 255  # the odd pixel values floor down by 1/255
+    np.testing.assert_array_equal(halved["audio"], read["audio"])
     assert all(part.dtype == np.float64 for part in given.values())
     regressors = hrf_regressors(tiny_store, given, "glover")
     assert regressors.shape == (n, sum(part.shape[1] for part in given.values())) and regressors.dtype == np.float32
 
 
 def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teacher(tiny_store):
-    parts = regressor_parts(tiny_store, None)
+    parts = regressor_parts(tiny_store, video=False)
     prior = linear_prior(tiny_store, parts, "glover", n_iter=5)
     predictions, shares = banded_ridge(tiny_store, parts, "glover", ("train", "val", "test"), n_iter=5)
     # The teacher is the banded baseline's in-sample fit; the branch is the same model as one linear map.
@@ -147,7 +152,7 @@ def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teac
 def test_the_banded_ridge_weighs_each_stream_per_voxel_and_beats_one_kernel_where_one_stream_drives(tiny_store):
     """Voxels driven by the mel block alone, with 384 text dimensions beside it: one shared kernel spends its
     shrinkage on both; the banded ridge gives the audio block the weight and predicts the held-out TRs better."""
-    parts = regressor_parts(tiny_store, None)  # audio (mel) and text; no frames
+    parts = regressor_parts(tiny_store, video=False)  # audio (mel) and text
     rng = np.random.default_rng(0)
     mel = convolve_hrf(parts["audio"], tiny_store.tr_s, "glover")
     mel = (mel - mel.mean(axis=0)) / (mel.std(axis=0) + 1e-9)

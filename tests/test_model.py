@@ -18,7 +18,7 @@ from giblet.train.losses import GibletLoss, LossScales
 # The plain network: the linear branch and the modality readouts (on by default) are off unless a test turns them on.
 SMALL = ModelConfig(
     frame_features=16, modality_width=32,
-    hidden=[64, 48, 64], dropout=0.0, slot_features=16, decoded_frame_width=16, decoded_frame_height=9,
+    hidden=[64, 48, 64], dropout=0.0, slot_features=16,
     linear_branch=False, modality_readouts=False,
 )
 
@@ -27,7 +27,7 @@ def build(store, dims=None, config=SMALL, device="cpu"):
     dims = dims or dims_from_manifest(store.manifest)
     model = GibletAutoencoder(dims, config)
     model.set_grid(*store.mask())
-    stimuli = Stimuli.from_store(store, dims, config.decoded_frame_height, config.decoded_frame_width)
+    stimuli = Stimuli.from_store(store, dims)
     return model.to(device).attach(stimuli.to(device))
 
 
@@ -72,7 +72,7 @@ def test_shapes_for_each_modality_combination(tiny_store):
         assert out["brain"].shape == (5, dims.n_voxels), name
         recon, targets = out["reconstructions"], out["targets"]
         expected = {
-            "video": (5, dims.video_slots, 3, 9, 16),
+            "video": (5, dims.video_slots, 3, dims.frame_height, dims.frame_width),  # the store's frames,
             "codes": (5, dims.code_slots, dims.n_codebooks, dims.codebook_size),
             "mel": (5, dims.mel_slots, dims.n_mels),
             "text": (5, dims.text_slots, dims.embedding_size),
@@ -222,9 +222,9 @@ def test_loss_scales_come_from_the_train_split_only(tiny_store):
     test_start, test_stop = tiny_store.splits["test"]
     test_only = sorted(set(index.video[test_start:test_stop].ravel().tolist()) - train_frames - {-1})
     assert test_only
-    model.stimuli.small_frames[test_only] = 255 - model.stimuli.small_frames[test_only]
+    model.stimuli.frame_targets[test_only] = 255 - model.stimuli.frame_targets[test_only]
     assert LossScales.from_store(tiny_store, model).frames == scales.frames
-    model.stimuli.small_frames[sorted(train_frames)[:50]] = 255
+    model.stimuli.frame_targets[sorted(train_frames)[:50]] = 255
     assert LossScales.from_store(tiny_store, model).frames != scales.frames
 
 
@@ -510,6 +510,25 @@ def test_a_checkpoint_from_before_stream_trunks_loads_as_the_fused_trunk_it_was(
         torch.testing.assert_close(loaded.encode(batch), model.encode(batch), rtol=0, atol=0)
 
 
+def test_a_checkpoint_that_named_its_decoded_frame_size_loads_when_it_is_the_store_s(tiny_store, tmp_path):
+    model = build(tiny_store).eval()
+    height, width = model.dims.frame_height, model.dims.frame_width
+    assert model.decode(model.encode(a_batch(tiny_store)))["video"].shape[-2:] == (height, width)
+    path = save_checkpoint(model, tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["architecture"]["model"].update(decoded_frame_height=height, decoded_frame_width=width)  # as older files did
+    torch.save(payload, path)
+    batch = a_batch(tiny_store)
+    with torch.no_grad():
+        torch.testing.assert_close(giblet.load(path).eval().attach(model.stimuli).decode(model.encode(batch))["video"],
+                                   model.decode(model.encode(batch))["video"], rtol=0, atol=0)
+    # A model that decoded smaller frames than its store's cannot be rebuilt: the error says what to do.
+    payload["architecture"]["model"].update(decoded_frame_height=9, decoded_frame_width=16)
+    torch.save(payload, path)
+    with pytest.raises(giblet.errors.DataError, match=r"decoding 16x9 frames from a store of 32x18(.|\n)*retrain"):
+        giblet.load(path)
+
+
 def test_mel_input_is_standardized_with_training_statistics_saved_in_the_checkpoint(tiny_store, tmp_path):
     dims = dims_from_manifest(tiny_store.manifest, "mel")
     model = build(tiny_store, dims).eval()
@@ -549,8 +568,8 @@ def test_the_linear_branch_adds_the_banded_ridge_to_layer_7_is_lesioned_with_it_
     model = GibletAutoencoder(dims, config)
     model.set_grid(*tiny_store.mask())
     assert torch.count_nonzero(model.l7_brain.weight) == 0  # the network starts silent
-    stimuli = Stimuli.from_store(tiny_store, dims, 9, 16, hrf="glover")
-    parts = regressor_parts(tiny_store, stimuli.small_frames, 9, 16)
+    stimuli = Stimuli.from_store(tiny_store, dims, hrf="glover")
+    parts = regressor_parts(tiny_store, stimuli.frame_targets)
     assert set(parts) == {"video", "audio", "text"}
     weight, bias = banded_linear_map(tiny_store, parts, "glover", n_iter=5)
     assert stimuli.regressors.shape == (tiny_store.n_trs, weight.shape[0])
@@ -570,7 +589,7 @@ def test_the_linear_branch_adds_the_banded_ridge_to_layer_7_is_lesioned_with_it_
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(batch), brain)
     # Without the regressors the branch cannot run: the error says what to attach.
-    loaded.attach(Stimuli.from_store(tiny_store, dims, 9, 16))
+    loaded.attach(Stimuli.from_store(tiny_store, dims))
     with pytest.raises(RuntimeError, match="hrf=<the run's alignment.hrf>"):
         loaded.encode(batch)
     with pytest.raises(ValueError, match="expected"):

@@ -105,7 +105,7 @@ def test_the_stores_regressors_are_the_unshifted_ones_moved_earlier(stores):
     assert told.preshift_trs == SHIFT and plain.preshift_trs == 0
     assert "preshift_trs" not in plain.manifest["settings"]["alignment"]
     # Same movie, same features; the shifted store's regressors at TR t are the unshifted ones at t + 3.
-    parts = regressor_parts(plain, None, 18, 32)
+    parts = regressor_parts(plain)
     np.testing.assert_allclose(hrf_regressors(told, parts, "glover")[:-SHIFT], hrf_regressors(plain, parts, "glover")[SHIFT:],
                                atol=1e-6)
     # An estimator fit on a store takes its setting.
@@ -130,7 +130,7 @@ def _linear_figures(store):
     from giblet.eval.evaluate import truth_metrics
     from giblet.eval.metrics import pearson_r
 
-    parts = regressor_parts(store, None, 18, 32)
+    parts = regressor_parts(store)
     group = np.asarray(store.fmri_mean(), dtype=np.float32)
     splits = ("val", "test")
     fits = {"ridge_hrf": fit_splits(store, HrfRidge(store.tr_s, "glover"), np.concatenate(list(parts.values()), axis=1),

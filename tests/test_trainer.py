@@ -86,7 +86,7 @@ def test_a_run_writes_checkpoints_metrics_and_config(tiny_data, tiny_store, run_
     model = giblet.load(out)
     assert model.n_units == tiny_store.n_voxels
     # L1 reads mel standardized by the statistics of the training windows, the ones the mel loss uses.
-    model.attach(Stimuli.from_store(tiny_store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width))
+    model.attach(Stimuli.from_store(tiny_store, model.dims))
     scales = LossScales.from_store(tiny_store, model)
     assert torch.allclose(model.l1_mel.mean, torch.tensor(scales.mel_mean)) and model.l1_mel.mean.mean() < -10
     assert torch.allclose(model.l1_mel.std, torch.tensor(scales.mel_std))
@@ -328,7 +328,7 @@ def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     # One epoch from a silent network: layer 7 is still close to the banded ridge it started from.
-    parts = regressor_parts(tiny_store, model.stimuli.small_frames, model.config.decoded_frame_height, model.config.decoded_frame_width)
+    parts = regressor_parts(tiny_store, model.stimuli.frame_targets)
     banded = banded_ridge(tiny_store, parts, "glover", ("test",))[0]["test"]
     start, stop = tiny_store.splits["test"]
     prediction = np.asarray(nib.load(str(out / "eval" / "prediction_test.nii.gz")).dataobj)[tiny_store.mask()[0]].T

@@ -121,7 +121,7 @@ def test_iter_frames_chunks_concatenate_to_read_frames(movie_25):
     np.testing.assert_array_equal(np.concatenate([t for _, t in chunks]), times)
 
 
-def test_area_resize_averages_pixels(movie_25):
+def test_frames_are_area_averaged_when_read_small(movie_25):
     frames, _ = read_frames(movie_25, width=16, height=12, progress=False)
     columns = frames[:, 7:, 1:7].astype(float)  # 1-pixel black/white columns, away from the patch edge
     patch = frames[:, 7:, 9:15].reshape(len(frames), -1, 3).astype(float)

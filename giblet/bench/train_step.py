@@ -148,7 +148,6 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     tr, fps, movie_s = preset.tr_s, float(preset.fps), preset.movie_duration_s
     lookback, window = config.window.lookback_s, config.window.lookback_s + preset.tr_s
     height, width = config.video.height, config.video.width
-    model = config.model
 
     # One batch of training windows: random TRs of the movie, as the trainer's shuffled sampler draws them.
     n_trs = preset.movie_trs
@@ -163,8 +162,7 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     compact = torch.full_like(video_index, -1)
     compact[video_index >= 0] = inverse
     frames = torch.randint(0, 256, (shown.numel(), height * width * 3), dtype=torch.uint8, generator=generator)
-    small = torch.randint(0, 256, (shown.numel(), 3, model.decoded_frame_height, model.decoded_frame_width),
-                          dtype=torch.uint8, generator=generator)
+    targets = frames.view(-1, height, width, 3).permute(0, 3, 1, 2)  # the decoder's targets, as Stimuli holds them
 
     # Annotation segments back to back over the movie, unit-norm embeddings.
     lengths = rng.uniform(*SEGMENT_S, size=int(movie_s / SEGMENT_S[0]) + 1)
@@ -177,7 +175,7 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
 
     codes = mel = None
     audio_dims: Dict[str, object] = {}
-    scales = LossScales(frames=float(small.float().div(255).var()))
+    scales = LossScales(frames=float(targets.float().div(255).var()))
     if audio == "mel":
         n_mel = int(round(movie_s * MEL_RATE_HZ))
         mel = torch.randn(n_mel, config.audio.n_mels, generator=generator) * 10 - 40  # log-mel-like decibels
@@ -204,7 +202,7 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
         f"synthetic {PRESET}-preset data: {dims.n_voxels} voxels, {width}x{height} frames "
         f"({shown.numel()} shown in the batch), {audio}, {starts.size} segments, {window:g} s windows"
     )
-    return TrainData(dims, Stimuli(frames, small, codes, mel, text), batch, scales, description)
+    return TrainData(dims, Stimuli(frames, targets, codes, mel, text), batch, scales, description)
 
 
 def store_data(store, config: Config, batch_size: int, seed: int = 0) -> TrainData:
@@ -215,7 +213,7 @@ def store_data(store, config: Config, batch_size: int, seed: int = 0) -> TrainDa
         raise DataError(store.path, f"{len(dataset)} training samples", expected=f"at least the batch size, {batch_size}")
     picks = np.sort(np.random.default_rng(seed).choice(len(dataset), batch_size, replace=False))
     batch = dataset.batch(picks)
-    stimuli = Stimuli.from_store(store, dims, config.model.decoded_frame_height, config.model.decoded_frame_width)
+    stimuli = Stimuli.from_store(store, dims)
     probe = GibletAutoencoder(dims, config.model).attach(stimuli)
     scales = LossScales.from_store(store, probe)
     audio = "codes" if dims.present("codes") else "mel" if dims.present("mel") else "no audio"

@@ -207,8 +207,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     config = load_config(run / "config.yaml")
     model = load(checkpoint)
     mask, affine = store.mask()
-    model.attach(Stimuli.from_store(store, model.dims, config.model.decoded_frame_height, config.model.decoded_frame_width,
-                                    hrf=config.alignment.hrf if model.config.linear_branch else None))
+    model.attach(Stimuli.from_store(store, model.dims, hrf=config.alignment.hrf if model.config.linear_branch else None))
     start, stop = store.splits[split]
     prediction = predict(model, store, split)
     group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
@@ -237,8 +236,8 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     groups, scales = truth_groups(truth) if truth is not None and "skipped" not in truth else ({}, {})
     leads: Dict[str, Dict[str, Dict[str, object]]] = {}
     if baseline == "ridge":
-        # Frames as the model decodes them: a model that reads none gets no video block here.
-        parts = regressor_parts(store, model.stimuli.small_frames)
+        # A model that reads no frames is compared with linear models that read none either.
+        parts = regressor_parts(store, model.stimuli.frame_targets, video=model.dims.present("video"))
         features = np.concatenate(list(parts.values()), axis=1)
         delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
         everything = np.asarray(store.fmri_mean(), dtype=np.float32)

@@ -93,7 +93,7 @@ def load_model(checkpoint: Path, store: Store):
             raise DataError(checkpoint, "a model with a linear branch but no run configuration",
                             expected="a checkpoint written by `giblet train` (it carries alignment.hrf)")
         hrf = saved["alignment"]["hrf"]
-    model.attach(Stimuli.from_store(store, model.dims, model.config.decoded_frame_height, model.config.decoded_frame_width, hrf=hrf))
+    model.attach(Stimuli.from_store(store, model.dims, hrf=hrf))
     return model.eval()
 
 

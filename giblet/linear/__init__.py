@@ -8,10 +8,10 @@ Nothing here reads a model: the layer sits below ``giblet.models``.
 """
 
 from giblet.linear.fits import LinearPrior, banded_linear_map, banded_ridge, fit_splits, linear_prior
-from giblet.linear.regressors import area_resize, convolve_parts, hrf_convolve, hrf_regressors, regressor_parts
+from giblet.linear.regressors import convolve_parts, hrf_convolve, hrf_regressors, regressor_parts
 from giblet.linear.ridge import BANDED_SEARCH, BandedRidge, FirRidge, HrfRidge
 
 __all__ = [
-    "BANDED_SEARCH", "BandedRidge", "FirRidge", "HrfRidge", "LinearPrior", "area_resize", "banded_linear_map",
+    "BANDED_SEARCH", "BandedRidge", "FirRidge", "HrfRidge", "LinearPrior", "banded_linear_map",
     "banded_ridge", "convolve_parts", "fit_splits", "hrf_convolve", "hrf_regressors", "linear_prior", "regressor_parts",
 ]

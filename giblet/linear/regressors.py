@@ -11,7 +11,6 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from giblet import ops
 from giblet.data.alignment import convolve_hrf
@@ -19,34 +18,25 @@ from giblet.data.dataset import text_slots_for
 from giblet.data.store import Store
 
 
-def area_resize(frames: np.ndarray, height: int, width: int, chunk: int = 512) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> uint8 (N, 3, height, width), area-averaged, a chunk at a time."""
-    out = torch.empty((frames.shape[0], 3, height, width), dtype=torch.uint8)
-    for start in range(0, frames.shape[0], chunk):
-        block = torch.from_numpy(np.array(frames[start : start + chunk])).permute(0, 3, 1, 2).float()
-        small = F.interpolate(block, size=(height, width), mode="area")
-        out[start : start + chunk] = small.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def regressor_parts(store: Store, small_frames: Optional[torch.Tensor], height: Optional[int] = None,
-                    width: Optional[int] = None) -> Dict[str, np.ndarray]:
+def regressor_parts(store: Store, frames: Optional[torch.Tensor] = None, video: bool = True) -> Dict[str, np.ndarray]:
     """The fixed per-TR features of the linear models, one float64 ``(TRs, features)`` block per stream:
     ``video`` (the frames averaged to 3x4 RGB, in [0, 1]), ``audio`` (mel bands), ``text`` (the mean
-    embedding of the annotations in the TR). A stream the store lacks has no block.
+    embedding of the annotations in the TR). A stream the store lacks has no block, nor video when ``video``
+    is false.
 
-    Frames from ``small_frames`` (uint8 ``(n_frames, 3, h, w)``, the model's decoded-frame targets); when it
-    is None, with ``height`` and ``width`` the store's frames area-averaged to that size (the same blocks
-    whichever modalities a network reads), without them no ``video`` block.
+    ``frames``: the store's frames as uint8 ``(n_frames, 3, H, W)`` when they are already in memory (a model's
+    ``Stimuli.frame_targets``); None reads them from the store.
     """
     manifest = store.manifest
-    if small_frames is None and height is not None and width is not None and manifest.get("video", {}).get("shape"):
-        small_frames = area_resize(store.frames(), height, width)
+    if not manifest.get("video", {}).get("shape"):
+        video = False
+    if video and frames is None:
+        frames = torch.from_numpy(np.array(store.frames())).permute(0, 3, 1, 2)  # a writable copy of the memmap
     onsets = store.onsets()
     tr = store.tr_s
     parts: Dict[str, np.ndarray] = {}
-    if small_frames is not None:
-        coarse = torch.nn.functional.adaptive_avg_pool2d(small_frames.float() / 255.0, (3, 4)).flatten(1)  # (n_frames, 36)
+    if video:
+        coarse = torch.nn.functional.adaptive_avg_pool2d(frames.float() / 255.0, (3, 4)).flatten(1)  # (n_frames, 36)
         v = manifest["video"]
         parts["video"] = ops.grid_average(coarse, v["rate_hz"], torch.from_numpy(onsets - v["start_s"]), tr, 1)[:, 0].numpy()
     if "mel" in manifest["audio"]:

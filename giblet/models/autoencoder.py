@@ -268,7 +268,7 @@ class GibletAutoencoder(nn.Module):
         back = [self.n_units] + hidden[::-1]
         self.l8_l10 = nn.ModuleList(Block(back[i], back[i + 1], config.dropout) for i in range(len(hidden)))
         self.l11_split = nn.Linear(hidden[0], width * len(self.modalities))
-        h, w = config.decoded_frame_height, config.decoded_frame_width
+        h, w = dims.frame_height, dims.frame_width  # L13 reconstructs the store's frames
         slot = config.slot_features
         if dims.present("video"):
             self.l12_video = SlotDecoder(width, dims.video_slots, slot)
@@ -346,7 +346,7 @@ class GibletAutoencoder(nn.Module):
         if regressors is None or regressors.shape[1] != self.linear_weight.shape[0]:
             raise RuntimeError(
                 f"the model's linear branch reads {self.linear_weight.shape[0]} regressors per TR; attach "
-                f"Stimuli.from_store(store, dims, h, w, hrf=<the run's alignment.hrf>) (got "
+                f"Stimuli.from_store(store, dims, hrf=<the run's alignment.hrf>) (got "
                 f"{None if regressors is None else regressors.shape[1]})"
             )
         return torch.addmm(self.linear_bias, regressors[batch["tr"]], self.linear_weight)
@@ -480,7 +480,7 @@ class GibletAutoencoder(nn.Module):
             out["fmri"] = fmri.float()  # one layer-7 unit per voxel: the response itself
         if "video" in self.modalities:
             index = batch["video_index"]
-            frames = stimuli.small_frames[index.clamp(min=0)].float() / 255.0
+            frames = stimuli.frame_targets[index.clamp(min=0)].float() / 255.0
             out["video"], out["video_valid"] = frames, index >= 0
         if "codes" in self.modalities:
             out["codes"] = windows["codes"].transpose(1, 2)  # (B, slots, n_codebooks), -1 = pad
@@ -584,10 +584,9 @@ class GibletAutoencoder(nn.Module):
             for label, module in entries
         ]
         saved_stimuli, was_training = self.stimuli, self.training
-        h, w = self.config.decoded_frame_height, self.config.decoded_frame_width
         device = self.l7_brain.weight.device
         branch = self.linear_weight.shape[0] if self.linear_weight is not None else 0
-        self.attach(Stimuli.placeholder(self.dims, h, w, n_regressors=branch).to(device))
+        self.attach(Stimuli.placeholder(self.dims, n_regressors=branch).to(device))
         try:
             self.eval()
             with torch.no_grad():

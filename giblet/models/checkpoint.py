@@ -110,15 +110,23 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 OPTIONAL_BUFFERS = ("l1_mel.mean", "l1_mel.std", "decoder_gain")
 # Model settings that older checkpoints carry and the model no longer has (config.REMOVED lists every removed key):
 # model.parcels is checked to be unset; the others are training-only or change no weight's shape, except the L1
-# widths that are now model.slot_features, with which a checkpoint loads when each equals it (as every shipped file had).
+# widths that are now model.slot_features, with which a checkpoint loads when each equals it (as every shipped file had),
+# and the decoded frame size, now the store's frame size, with which it loads when the two were equal (the defaults).
 REMOVED_SETTINGS = tuple(key.split(".", 1)[1] for key in REMOVED if key.startswith("model."))
 MERGED_INTO_SLOT_FEATURES = ("code_features", "mel_features", "segment_features")
 SETTINGS_BEFORE_THEY_EXISTED = {"stream_trunks": False}  # layers 4-6 were one fused trunk
 
 
-def _model_settings(saved: Dict[str, Any], path: Path) -> Dict[str, Any]:
+def _model_settings(saved: Dict[str, Any], dims: ModelDims, path: Path) -> Dict[str, Any]:
     """The saved model settings, less the removed ones that ``ModelConfig`` no longer takes."""
     fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    decoded = (saved.get("decoded_frame_height", dims.frame_height), saved.get("decoded_frame_width", dims.frame_width))
+    if dims.present("video") and decoded != (dims.frame_height, dims.frame_width):
+        raise DataError(path, f"a model decoding {decoded[1]}x{decoded[0]} frames from a store of "
+                        f"{dims.frame_width}x{dims.frame_height} frames",
+                        expected="decoded frames the size of the store's (model.decoded_frame_width and _height were "
+                                 "removed: layer 13 reconstructs the store's frames)",
+                        fix="retrain with this version (set video.width and video.height to the size to decode)")
     slot = saved.get("slot_features", ModelConfig.slot_features)
     for key in MERGED_INTO_SLOT_FEATURES:
         if key in saved and saved[key] != slot:
@@ -139,7 +147,7 @@ def load(run: Union[str, Path], device: Optional[Union[str, torch.device]] = Non
     if "parcel_of_voxel" in state or (arch["model"].get("parcels") or None) is not None:
         raise DataError(path, "checkpoint of a parcel model (one layer-7 unit per parcel)",
                         expected="a model with one layer-7 unit per voxel: parcel models are no longer supported")
-    config = ModelConfig(**_model_settings(arch["model"], path))
+    config = ModelConfig(**_model_settings(arch["model"], dims, path))
     model = GibletAutoencoder(dims, config)
     # The grid buffers are sized by the store's mask; make room before loading them.
     model.grid_mask = torch.empty_like(state["grid_mask"])

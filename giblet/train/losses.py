@@ -51,7 +51,7 @@ class LossScales:
         scales = cls()
         if "video" in targets:
             rows = torch.unique(batch["video_index"][targets["video_valid"]])
-            scales.frames = _positive(model.stimuli.small_frames[rows].float().div(255.0).var().item())
+            scales.frames = _positive(model.stimuli.frame_targets[rows].float().div(255.0).var().item())
         if "codes" in targets:
             codes = targets["codes"]
             scales.codes = []

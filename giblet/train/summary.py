@@ -6,27 +6,27 @@ from typing import Dict
 
 import torch
 
-from giblet.config import ModelConfig
 from giblet.models.autoencoder import GibletAutoencoder, _placeholder_batch
 from giblet.models.stimuli import ModelDims, Stimuli
 from giblet.train.losses import GibletLoss
 
 
-def sherlock_dims(embedding_size: int = 384) -> ModelDims:
+def sherlock_dims(embedding_size: int = 384, frame_height: int = 18, frame_width: int = 32) -> ModelDims:
     """The Sherlock dataset's shapes: 85,810 voxels; per 11.5 s window (10 s lookback + 1.5 s TR) 48 frame
-    slots of 160x90 RGB, 112 code slots of 8 EnCodec codebooks (6 kbps, 75 Hz) and 3 annotation segments."""
+    slots of RGB frames as the store holds them (``video.height`` x ``video.width``), 112 code slots of 8 EnCodec
+    codebooks (6 kbps, 75 Hz) and 3 annotation segments."""
     return ModelDims(
-        n_voxels=85_810, window_s=11.5, video_slots=48, frame_height=90, frame_width=160, code_slots=112,
+        n_voxels=85_810, window_s=11.5, video_slots=48, frame_height=frame_height, frame_width=frame_width, code_slots=112,
         n_codebooks=8, codebook_size=1024, code_rate_hz=75.0, text_slots=3, embedding_size=embedding_size,
     )
 
 
-def _random_stimuli(dims: ModelDims, config: ModelConfig, rows: int = 512) -> Stimuli:
+def _random_stimuli(dims: ModelDims, rows: int = 512) -> Stimuli:
     generator = torch.Generator().manual_seed(0)
-    h, w = config.decoded_frame_height, config.decoded_frame_width
+    frames = torch.randint(0, 256, (rows, dims.frame_size), dtype=torch.uint8, generator=generator) if dims.present("video") else None
     return Stimuli(
-        torch.randint(0, 256, (rows, dims.frame_size), dtype=torch.uint8, generator=generator) if dims.present("video") else None,
-        torch.randint(0, 256, (rows, 3, h, w), dtype=torch.uint8, generator=generator) if dims.present("video") else None,
+        frames,
+        frames.view(rows, dims.frame_height, dims.frame_width, 3).permute(0, 3, 1, 2) if frames is not None else None,
         torch.randint(0, dims.codebook_size, (dims.n_codebooks, rows * 4), generator=generator).to(torch.int16) if dims.present("codes") else None,
         torch.randn(rows * 4, dims.n_mels, generator=generator) if dims.present("mel") else None,
         torch.nn.functional.normalize(torch.randn(rows, dims.embedding_size, generator=generator), dim=1) if dims.present("text") else None,
@@ -36,7 +36,7 @@ def _random_stimuli(dims: ModelDims, config: ModelConfig, rows: int = 512) -> St
 def activation_bytes(model: GibletAutoencoder, batch_size: int) -> int:
     """Bytes of the tensors autograd keeps from the forward pass (and loss) of one batch, each storage once."""
     dims = model.dims
-    model.attach(_random_stimuli(dims, model.config))
+    model.attach(_random_stimuli(dims))
     batch = _placeholder_batch(dims, batch_size, "cpu")
     rows = model.stimuli.frames.shape[0] if model.stimuli.frames is not None else 1
     generator = torch.Generator().manual_seed(1)

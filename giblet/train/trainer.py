@@ -234,15 +234,14 @@ def build(config: Config, store: Store, procs: Processes) -> Parts:
     model = GibletAutoencoder(dims, m)
     model.set_grid(*store.mask())
     model.to(procs.device)
-    height, width = m.decoded_frame_height, m.decoded_frame_width
-    model.attach(Stimuli.from_store(store, dims, height, width, hrf=config.alignment.hrf if m.linear_branch else None).to(procs.device))
+    model.attach(Stimuli.from_store(store, dims, hrf=config.alignment.hrf if m.linear_branch else None).to(procs.device))
     scales = LossScales.from_store(store, model)
     model.set_input_statistics(scales.mel_mean, scales.mel_std)
     teacher = config.loss.fmri_teacher > 0
     if m.linear_branch or teacher:
         # One banded fit for both the branch and the banded teacher. Every process fits the same (seeded) ridge
         # on the same data: no broadcast needed.
-        prior = linear_prior(store, regressor_parts(store, model.stimuli.small_frames, height, width), config.alignment.hrf,
+        prior = linear_prior(store, regressor_parts(store, model.stimuli.frame_targets), config.alignment.hrf,
                              branch=m.linear_branch, teacher=teacher)
         if m.linear_branch:
             model.set_linear_branch(prior.weight, prior.bias)
