@@ -41,7 +41,7 @@ def train(
     prepare_only: bool = typer.Option(False, "--prepare-only", help="Prepare the store and write OUT/config.yaml, then stop."),
 ) -> None:
     """Train the model: one process here, or N per node under torchrun (DDP)."""
-    from giblet.config import RESUMABLE, load_config, resume_differences
+    from giblet.config import RESUMABLE, load_config, load_run_config, resume_differences
     from giblet.data.store import prepare
     from giblet.train.trainer import CONFIG_NAME, write_run_config
 
@@ -61,7 +61,8 @@ def train(
                           "or give --out the folder of the run to continue")
     if resume and config is None and (out / CONFIG_NAME).is_file():
         config = out / CONFIG_NAME  # resume with the run's own settings
-    settings = load_config(config)
+    own = config is not None and Path(config).resolve() == (out / CONFIG_NAME).resolve()  # the run's, written by giblet
+    settings = load_run_config(config) if own else load_config(config)
     if epochs is not None:
         settings.train.epochs = epochs
     store = store or out / "store"
@@ -69,7 +70,7 @@ def train(
         prepare(data, settings, store)
         run_config = out / CONFIG_NAME
         if resume and run_config.is_file():
-            changed = resume_differences(load_config(run_config), settings)
+            changed = resume_differences(load_run_config(run_config), settings)
             if changed:
                 raise ConfigError(
                     f"{run_config}: the run's settings differ from {config} in {', '.join(changed)}; expected the settings "

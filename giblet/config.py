@@ -380,17 +380,42 @@ def from_dict(values: Optional[Dict[str, Any]], source: str = "config") -> Confi
     return config
 
 
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; expected a YAML file (see `giblet data prepare --help`)")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+
+
+def load_run_config(path: Union[str, Path]) -> Config:
+    """The settings a run folder keeps (``RUN/config.yaml``, every key written by giblet when the run started).
+
+    A run written by an earlier version may hold settings removed since: they are dropped with a warning that names
+    each and what became of it, where a user's own file is refused (``load_config``). The run's model is rebuilt
+    from its checkpoint, which checks the removed settings that shaped a weight (``giblet.models.checkpoint``).
+    """
+    path = Path(path)
+    values = _read_yaml(path)
+    dropped = []
+    for name in REMOVED:
+        section, key = name.split(".", 1)
+        if isinstance(values, dict) and isinstance(values.get(section), dict) and key in values[section]:
+            del values[section][key]
+            dropped.append(f"{name} ({REMOVED[name]})")
+    if dropped:
+        warnings.warn(f"{path}: written by an earlier version of giblet; settings removed since are ignored: "
+                      f"{'; '.join(dropped)}", ConfigWarning, stacklevel=2)
+    return from_dict(values, str(path))
+
+
 def load_config(path: Union[str, Path, None]) -> Config:
     """The configuration in ``path`` (YAML), or the defaults when ``path`` is None."""
     if path is None:
         return from_dict({}, "defaults")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; expected a YAML file (see `giblet data prepare --help`)")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    values = _read_yaml(path)
     if values is None:
         # An empty file is most often a mistake (a wrong path, an unsaved editor): say that the defaults are used.
         warnings.warn(f"{path}: the file is empty; every setting is its default", ConfigWarning, stacklevel=2)

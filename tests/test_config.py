@@ -3,7 +3,7 @@
 import pytest
 
 from giblet.config import (STORE_SECTIONS, Config, ConfigWarning, dump_config, from_dict, load_config,
-                           resume_differences)
+                           load_run_config, resume_differences)
 from giblet.errors import ConfigError
 
 
@@ -77,6 +77,27 @@ def test_a_removed_key_says_what_became_of_it(section, key, fate):
     with pytest.raises(ConfigError) as error:
         from_dict({section: {key: 1}}, "old.yaml")
     assert f"old.yaml: '{section}.{key}' was removed" in str(error.value) and fate in str(error.value)
+
+
+def test_a_run_written_before_a_key_was_removed_still_loads_its_settings(tmp_path):
+    """RUN/config.yaml holds every key of the version that wrote it: `giblet evaluate` and `--resume` read it after an
+    upgrade, dropping (and naming) the removed keys, while the same file given as a user's --config is refused."""
+    import yaml
+
+    written = yaml.safe_load(dump_config(from_dict({"train": {"lr": 0.001}})))
+    written["model"].update(decoded_frame_width=32, decoded_frame_height=18)  # as runs before their removal wrote them
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(written))
+    with pytest.warns(ConfigWarning, match=r"model.decoded_frame_width \(the decoder reconstructs the store's frames"):
+        config = load_run_config(path)
+    assert config == from_dict({"train": {"lr": 0.001}})
+    with pytest.raises(ConfigError, match="'model.decoded_frame_(width|height)' was removed"):
+        load_config(path)
+    # A key that never existed is still an error there: only removed ones are dropped.
+    written["model"]["decoded_frame_widht"] = 32
+    path.write_text(yaml.safe_dump(written))
+    with pytest.raises(ConfigError, match="unknown key 'model.decoded_frame_widht'"), pytest.warns(ConfigWarning):
+        load_run_config(path)
 
 
 def test_a_missing_or_broken_file_is_named(tmp_path):

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from giblet.config import load_config
+from giblet.config import load_run_config
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.store import Store, open_store, run_store_path
 from giblet.eval.metrics import BOOTSTRAP_BLOCK_S, mean_subject_r, noise_ceiling, paired_difference, pearson_r
@@ -204,7 +204,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
         from giblet.errors import DataError
 
         raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")
-    config = load_config(run / "config.yaml")
+    config = load_run_config(run / "config.yaml")
     model = load(checkpoint)
     mask, affine = store.mask()
     model.attach(Stimuli.from_store(store, model.dims, hrf=config.alignment.hrf if model.config.linear_branch else None))
