@@ -70,7 +70,7 @@ def train(
         prepare(data, settings, store)
         run_config = out / CONFIG_NAME
         if resume and run_config.is_file():
-            changed = resume_differences(load_run_config(run_config), settings)
+            changed = [] if own else resume_differences(load_run_config(run_config), settings)
             if changed:
                 raise ConfigError(
                     f"{run_config}: the run's settings differ from {config} in {', '.join(changed)}; expected the settings "

@@ -122,6 +122,14 @@ def test_the_regressor_blocks_come_from_the_store_s_frames_read_or_given(tiny_st
     assert regressors.shape == (n, sum(part.shape[1] for part in given.values())) and regressors.dtype == np.float32
 
 
+def test_the_regressor_blocks_of_frames_on_a_device_are_those_of_the_store(tiny_store, device):
+    """The trainer passes its model's frame table, which lives on the training device."""
+    frames = torch.from_numpy(np.array(tiny_store.frames())).permute(0, 3, 1, 2).to(device)
+    on_device, read = regressor_parts(tiny_store, frames), regressor_parts(tiny_store)
+    assert all(isinstance(part, np.ndarray) for part in on_device.values())
+    np.testing.assert_allclose(on_device["video"], read["video"], rtol=1e-5, atol=1e-6)
+
+
 def test_the_linear_prior_fits_the_banded_ridge_once_for_the_branch_and_the_teacher(tiny_store):
     parts = regressor_parts(tiny_store, video=False)
     prior = linear_prior(tiny_store, parts, "glover", n_iter=5)

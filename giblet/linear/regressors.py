@@ -36,7 +36,8 @@ def regressor_parts(store: Store, frames: Optional[torch.Tensor] = None, video: 
     tr = store.tr_s
     parts: Dict[str, np.ndarray] = {}
     if video:
-        coarse = torch.nn.functional.adaptive_avg_pool2d(frames.float() / 255.0, (3, 4)).flatten(1)  # (n_frames, 36)
+        # Pooled where the frames are (a model's copy may be on a GPU); the 36 columns come back for the numpy blocks.
+        coarse = torch.nn.functional.adaptive_avg_pool2d(frames.float() / 255.0, (3, 4)).flatten(1).cpu()  # (n_frames, 36)
         v = manifest["video"]
         parts["video"] = ops.grid_average(coarse, v["rate_hz"], torch.from_numpy(onsets - v["start_s"]), tr, 1)[:, 0].numpy()
     if "mel" in manifest["audio"]:
