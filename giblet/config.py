@@ -241,16 +241,16 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp, where: str, source: str) -> Any:
+def _convert(value: Any, tp, where: str, source: str, dropped: Optional[List[str]] = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where, source)
+        return _convert(value, inner[0], where, source, dropped)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, source)
+        return _build(tp, value, where, source, dropped)
     if origin in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {where} is {value!r}; expected a list of {_type_name(args[0])}")
@@ -274,7 +274,8 @@ def _convert(value: Any, tp, where: str, source: str) -> Any:
     return value
 
 
-def _build(cls, values: Any, where: str, source: str):
+def _build(cls, values: Any, where: str, source: str, dropped: Optional[List[str]] = None):
+    """``cls`` from a mapping; a removed key (``REMOVED``) is refused, or with ``dropped`` skipped and listed there."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -285,13 +286,16 @@ def _build(cls, values: Any, where: str, source: str):
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names and path in REMOVED:
+            if dropped is not None:
+                dropped.append(f"{path} ({REMOVED[path]})")
+                continue
             raise ConfigError(f"{source}: {path!r} was removed: {REMOVED[path]}. Delete it from the file")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
             valid = ", ".join(names)
             raise ConfigError(f"{source}: unknown key {path!r}{hint} Valid keys{' of ' + where if where else ''}: {valid}")
-        kwargs[key] = _convert(value, hints[key], path, source)
+        kwargs[key] = _convert(value, hints[key], path, source, dropped)
     return cls(**kwargs)
 
 
@@ -374,8 +378,9 @@ def resume_differences(run: Config, now: Config) -> List[str]:
     return [key for key in differences(run.to_dict(), now.to_dict()) if key not in RESUMABLE]
 
 
-def from_dict(values: Optional[Dict[str, Any]], source: str = "config") -> Config:
-    config = _build(Config, values or {}, "", source)
+def from_dict(values: Optional[Dict[str, Any]], source: str = "config", dropped: Optional[List[str]] = None) -> Config:
+    """The configuration of ``values``; with ``dropped``, removed settings are listed there instead of refused."""
+    config = _build(Config, values or {}, "", source, dropped)
     _check_values(config, source)
     return config
 
@@ -397,17 +402,12 @@ def load_run_config(path: Union[str, Path]) -> Config:
     from its checkpoint, which checks the removed settings that shaped a weight (``giblet.models.checkpoint``).
     """
     path = Path(path)
-    values = _read_yaml(path)
-    dropped = []
-    for name in REMOVED:
-        section, key = name.split(".", 1)
-        if isinstance(values, dict) and isinstance(values.get(section), dict) and key in values[section]:
-            del values[section][key]
-            dropped.append(f"{name} ({REMOVED[name]})")
+    dropped: List[str] = []
+    config = from_dict(_read_yaml(path), str(path), dropped)
     if dropped:
         warnings.warn(f"{path}: written by an earlier version of giblet; settings removed since are ignored: "
                       f"{'; '.join(dropped)}", ConfigWarning, stacklevel=2)
-    return from_dict(values, str(path))
+    return config
 
 
 def load_config(path: Union[str, Path, None]) -> Config:

@@ -594,3 +594,15 @@ def test_the_linear_branch_adds_the_banded_ridge_to_layer_7_is_lesioned_with_it_
         loaded.encode(batch)
     with pytest.raises(ValueError, match="expected"):
         model.set_linear_branch(weight[:, :5], bias)
+
+
+def test_the_decoders_targets_are_the_frame_table_itself_on_any_device(tiny_store, device):
+    """The decoder's targets are the store's frames channel-first, a view of the frame table the encoder reads:
+    moving the tables to the training device holds the frames there once, not twice."""
+    stimuli = Stimuli.from_store(tiny_store, dims_from_manifest(tiny_store.manifest)).to(device)
+    targets = stimuli.frame_targets
+    assert targets.device.type == torch.device(device).type
+    assert targets.untyped_storage().data_ptr() == stimuli.frames.untyped_storage().data_ptr()
+    np.testing.assert_array_equal(targets.permute(0, 2, 3, 1).cpu().numpy(), np.asarray(tiny_store.frames()))
+    stimuli.frames[0] = 0  # a write through either is seen through the other: one table
+    assert int(stimuli.frame_targets[0].max()) == 0

@@ -317,7 +317,7 @@ def test_weight_average_follows_the_weights_and_swaps_in_and_out():
 
 
 def test_a_run_with_the_linear_branch_starts_from_the_banded_ridge_and_evaluates(tiny_data, tiny_store, tiny_config, tmp_path):
-    from giblet.eval.lesion import load_run
+    from giblet.eval.runs import load_run
     from giblet.linear import BandedRidge, banded_ridge, regressor_parts
 
     # With the teacher as well: the branch and the teacher come from one banded fit.

@@ -162,7 +162,6 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
     compact = torch.full_like(video_index, -1)
     compact[video_index >= 0] = inverse
     frames = torch.randint(0, 256, (shown.numel(), height * width * 3), dtype=torch.uint8, generator=generator)
-    targets = frames.view(-1, height, width, 3).permute(0, 3, 1, 2)  # the decoder's targets, as Stimuli holds them
 
     # Annotation segments back to back over the movie, unit-norm embeddings.
     lengths = rng.uniform(*SEGMENT_S, size=int(movie_s / SEGMENT_S[0]) + 1)
@@ -175,7 +174,7 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
 
     codes = mel = None
     audio_dims: Dict[str, object] = {}
-    scales = LossScales(frames=float(targets.float().div(255).var()))
+    scales = LossScales(frames=float(frames.float().div(255).var()))
     if audio == "mel":
         n_mel = int(round(movie_s * MEL_RATE_HZ))
         mel = torch.randn(n_mel, config.audio.n_mels, generator=generator) * 10 - 40  # log-mel-like decibels
@@ -202,7 +201,7 @@ def synthetic_data(config: Config, batch_size: int, seed: int = 0) -> TrainData:
         f"synthetic {PRESET}-preset data: {dims.n_voxels} voxels, {width}x{height} frames "
         f"({shown.numel()} shown in the batch), {audio}, {starts.size} segments, {window:g} s windows"
     )
-    return TrainData(dims, Stimuli(frames, targets, codes, mel, text), batch, scales, description)
+    return TrainData(dims, Stimuli(frames, (height, width), codes, mel, text), batch, scales, description)
 
 
 def store_data(store, config: Config, batch_size: int, seed: int = 0) -> TrainData:

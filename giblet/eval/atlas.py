@@ -43,9 +43,10 @@ from giblet.data.dataset import WindowDataset, window_index
 from giblet.data.parcels import size_classes
 from giblet.errors import DataError
 from giblet.eval import brainmaps
-from giblet.eval.lesion import (LESIONS_PER_PASS, PathLike, _encode, _run_folder, check_replaceable, contiguous_null, lesion,
-                                lesion_effects, load_model, open_run, p_value, relative_change, relative_shift, roi_name,
+from giblet.eval.lesion import (LESIONS_PER_PASS, _encode, check_replaceable, contiguous_null, lesion,
+                                lesion_effects, p_value, relative_change, relative_shift, roi_name,
                                 write_report_folder)
+from giblet.eval.runs import PathLike, load_model, open_run, run_folder
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
 
@@ -88,9 +89,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     run, atlas = Path(run), Path(atlas)
     if permutations < 0:
         raise ValueError(f"permutations must be >= 0, got {permutations}")
-    checkpoint, store = open_run(run, store_path)
-    if split not in store.splits:
-        raise DataError(store.path, f"no split {split!r}", expected=f"one of {', '.join(store.splits)}")
+    checkpoint, store = open_run(run, store_path, split)
     grid = store.mask()
     labels = volume.load_labels(atlas, grid, kind="atlas")  # (V,) int, 0 = in no parcel
     found, counts = np.unique(labels[labels > 0], return_counts=True)
@@ -107,7 +106,7 @@ def lesion_atlas(run: PathLike, atlas: PathLike, out: Optional[PathLike] = None,
     if parcel_labels.size == 0:
         raise DataError(atlas, f"every parcel has fewer than {MIN_PARCEL_VOXELS} voxels inside the store's mask",
                         expected=f"parcels of at least {MIN_PARCEL_VOXELS} voxels", fix="use a coarser atlas (e.g. larger cubes)")
-    out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / f"atlas-{roi_name(atlas)}"
+    out = Path(out) if out is not None else run_folder(run, checkpoint) / "lesion" / f"atlas-{roi_name(atlas)}"
     if out.exists():
         check_replaceable(out, MARKER, KIND)
     model = load_model(checkpoint, store)

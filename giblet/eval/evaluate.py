@@ -17,11 +17,10 @@ import torch
 
 from giblet.config import load_run_config
 from giblet.data.dataset import WindowDataset, window_index
-from giblet.data.store import Store, open_store, run_store_path
+from giblet.data.store import Store
 from giblet.eval.metrics import BOOTSTRAP_BLOCK_S, mean_subject_r, noise_ceiling, paired_difference, pearson_r
+from giblet.eval.runs import load_model, open_run
 from giblet.linear import FirRidge, HrfRidge, banded_ridge, fit_splits, regressor_parts
-from giblet.models import Stimuli
-from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
 
 # Voxels whose noise ceiling is below this are left out of the noise-normalized mean (dividing by ~0 is noise).
 CEILING_FLOOR = 0.1
@@ -197,17 +196,9 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
     from giblet.data.volume import save_volume
 
     run = Path(run)
-    checkpoint = find_checkpoint(run)
-    store = open_store(store_path or run_store_path(run))
-    expected = read_checkpoint(checkpoint).get("store_key")
-    if expected and expected != store.key:
-        from giblet.errors import DataError
-
-        raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")
-    config = load_run_config(run / "config.yaml")
-    model = load(checkpoint)
+    checkpoint, store = open_run(run, store_path, split)
+    model = load_model(checkpoint, store)
     mask, affine = store.mask()
-    model.attach(Stimuli.from_store(store, model.dims, hrf=config.alignment.hrf if model.config.linear_branch else None))
     start, stop = store.splits[split]
     prediction = predict(model, store, split)
     group = np.asarray(store.fmri_mean()[start:stop], dtype=np.float32)
@@ -241,7 +232,7 @@ def evaluate(run: Union[str, Path], store_path: Optional[Union[str, Path]] = Non
         features = np.concatenate(list(parts.values()), axis=1)
         delays = int(math.ceil(store.manifest["window"]["lookback_s"] / store.tr_s))
         everything = np.asarray(store.fmri_mean(), dtype=np.float32)
-        hrf = config.alignment.hrf
+        hrf = load_run_config(run / "config.yaml").alignment.hrf  # the run's HRF: the baselines see what its branch saw
         # The FIR ridge learns a time course per feature; the HRF ridge assumes the canonical one (one weight
         # per feature): with few training TRs the second is often the stronger linear model.
         fits = {

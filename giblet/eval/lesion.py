@@ -44,10 +44,9 @@ import torch.nn.functional as F
 from giblet.data import volume
 from giblet.data.parcels import random_contiguous_parcels
 from giblet.data.dataset import WindowDataset, window_index
-from giblet.data.store import Store, open_store, replace_folder, run_store_path
+from giblet.data.store import Store, replace_folder
 from giblet.errors import DataError
-from giblet.models import Stimuli
-from giblet.models.checkpoint import find_checkpoint, load, read_checkpoint
+from giblet.eval.runs import PathLike, load_model, open_run, run_folder
 from giblet.progress import bar
 from giblet.train.losses import GibletLoss, LossScales
 
@@ -59,48 +58,9 @@ VIDEO_SCALE = 6  # decoded frames are small (18x32 by default): enlarged for vie
 GRIFFIN_LIM_ITERATIONS = 16
 BATCH_SIZE = 16
 
-PathLike = Union[str, Path]
 
 
 # --------------------------------------------------------------------------- the run and the ROI
-
-
-def _run_folder(run: Path, checkpoint: Path) -> Path:
-    return run if run.is_dir() else checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def open_run(run: PathLike, store_path: Optional[PathLike] = None) -> Tuple[Path, Store]:
-    """(checkpoint, store) of a run folder or checkpoint file, as ``giblet evaluate`` finds them: the best (else
-    last) checkpoint and the store it was trained on (default ``RUN/store``; another store is refused by its key)."""
-    run = Path(run)
-    checkpoint = find_checkpoint(run)
-    store = open_store(store_path or run_store_path(_run_folder(run, checkpoint)))
-    expected = read_checkpoint(checkpoint).get("store_key")
-    if expected and expected != store.key:
-        raise DataError(store.path, f"store key {store.key}", expected=f"the store the run was trained on, {expected}")
-    return checkpoint, store
-
-
-def load_model(checkpoint: Path, store: Store):
-    """The model in eval mode on the store's grid, its stream tables attached (frame size from its saved architecture)."""
-    model = load(checkpoint)
-    model.set_lesion(None)  # intact, whatever lesion the checkpoint was saved with
-    model.set_grid(*store.mask())
-    hrf = None
-    if model.linear_weight is not None and model.linear_weight.numel():  # a fitted linear branch reads the run's HRF
-        saved = read_checkpoint(checkpoint).get("config")
-        if not saved:
-            raise DataError(checkpoint, "a model with a linear branch but no run configuration",
-                            expected="a checkpoint written by `giblet train` (it carries alignment.hrf)")
-        hrf = saved["alignment"]["hrf"]
-    model.attach(Stimuli.from_store(store, model.dims, hrf=hrf))
-    return model.eval()
-
-
-def load_run(run: PathLike, store_path: Optional[PathLike] = None):
-    """(model, store, checkpoint) of a run folder or checkpoint file."""
-    checkpoint, store = open_run(run, store_path)
-    return load_model(checkpoint, store), store, checkpoint
 
 
 def roi_voxels(path: PathLike, store: Store) -> Tuple[np.ndarray, int]:
@@ -362,12 +322,10 @@ def lesion(run: PathLike, roi: PathLike, out: Optional[PathLike] = None, store_p
     run, roi = Path(run), Path(roi)
     if permutations < 0:
         raise ValueError(f"permutations must be >= 0, got {permutations}")
-    checkpoint, store = open_run(run, store_path)
-    if split not in store.splits:
-        raise DataError(store.path, f"no split {split!r}", expected=f"one of {', '.join(store.splits)}")
+    checkpoint, store = open_run(run, store_path, split)
     # A wrong ROI or output folder fails at once, before the model is loaded.
     voxels, outside = roi_voxels(roi, store)
-    out = Path(out) if out is not None else _run_folder(run, checkpoint) / "lesion" / roi_name(roi)
+    out = Path(out) if out is not None else run_folder(run, checkpoint) / "lesion" / roi_name(roi)
     if out.exists():
         check_replaceable(out)
     model = load_model(checkpoint, store)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -115,47 +115,56 @@ def dims_from_manifest(manifest: Dict[str, Any], audio_input: str = "auto",
 class Stimuli:
     """The stream tables of one store, on one device.
 
-    ``frames`` uint8 (n_frames, H*W*3) rows for ``gather_project``; ``frame_targets`` uint8 (n_frames, 3, H, W):
-    the same frames channel-first, the decoder's targets (a view: the table is held once);
+    ``frames`` uint8 (n_frames, H*W*3) rows for ``gather_project``, of ``frame_shape`` (H, W) frames;
+    ``frame_targets`` (a property) the same table channel-first, the decoder's targets: a view, so the table is
+    held once on any device;
     ``codes`` int16 (n_codebooks, n_code_frames); ``mel`` float32 (n_mel_frames, n_mels);
     ``text`` (n_segments, embedding_size) as stored; ``regressors`` float32 (n_TRs, features): the fixed
     per-TR features through the HRF that a model's linear branch reads (``model.linear_branch``), or None.
     """
 
     frames: Optional[torch.Tensor]
-    frame_targets: Optional[torch.Tensor]
+    frame_shape: Tuple[int, int]
     codes: Optional[torch.Tensor]
     mel: Optional[torch.Tensor]
     text: Optional[torch.Tensor]
     regressors: Optional[torch.Tensor] = None
 
+    @property
+    def frame_targets(self) -> Optional[torch.Tensor]:
+        """uint8 (n_frames, 3, H, W): ``frames`` channel-first, as the decoder reconstructs them (a view)."""
+        if self.frames is None:
+            return None
+        return self.frames.view(-1, *self.frame_shape, 3).permute(0, 3, 1, 2)
+
     @classmethod
     def from_store(cls, store, dims: ModelDims, hrf: Optional[str] = None) -> "Stimuli":
         """The tables of ``store`` for a model with ``dims``; with ``hrf`` (a canonical HRF name) also the
         regressors of a linear branch (``giblet.linear.hrf_regressors`` of ``regressor_parts``)."""
-        frames = targets = codes = mel = text = regressors = None
+        frames = codes = mel = text = None
         if dims.present("video"):
             array = store.frames()
-            # Read-only memmap: torch wants writable memory, and a copy keeps the table in RAM (uint8, 1.5 GB at Sherlock).
+            # Read-only memmap: torch wants writable memory, and a copy keeps the table in RAM (uint8, 62 MB at
+            # sherlock-scale's 35,650 frames of 32x18).
             frames = torch.from_numpy(np.array(array).reshape(array.shape[0], -1))
-            targets = frames.view(array.shape).permute(0, 3, 1, 2)
         if dims.present("codes"):
             codes = torch.from_numpy(np.array(store.codes()))
         if dims.present("mel"):
             mel = torch.from_numpy(np.asarray(store.mel(), dtype=np.float32))
         if dims.present("text"):
             text = torch.from_numpy(np.asarray(store.text_embeddings(), dtype=np.float32))
+        stimuli = cls(frames, (dims.frame_height, dims.frame_width), codes, mel, text)
         if hrf is not None:
-            parts = regressor_parts(store, targets)
-            regressors = torch.from_numpy(hrf_regressors(store, parts, hrf))
-        return cls(frames, targets, codes, mel, text, regressors)
+            parts = regressor_parts(store, stimuli.frame_targets)
+            stimuli.regressors = torch.from_numpy(hrf_regressors(store, parts, hrf))
+        return stimuli
 
     @classmethod
     def placeholder(cls, dims: ModelDims, n_rows: int = 8, n_regressors: int = 0) -> "Stimuli":
         """Zero tables with the right widths: enough to trace shapes (the layer table) without a store."""
         return cls(
             torch.zeros((n_rows, dims.frame_size), dtype=torch.uint8) if dims.present("video") else None,
-            torch.zeros((n_rows, 3, dims.frame_height, dims.frame_width), dtype=torch.uint8) if dims.present("video") else None,
+            (dims.frame_height, dims.frame_width),
             torch.zeros((max(dims.n_codebooks, 1), n_rows), dtype=torch.int16) if dims.present("codes") else None,
             torch.zeros((n_rows, max(dims.n_mels, 1)), dtype=torch.float32) if dims.present("mel") else None,
             torch.zeros((n_rows, max(dims.embedding_size, 1)), dtype=torch.float32) if dims.present("text") else None,
@@ -164,5 +173,5 @@ class Stimuli:
 
     def to(self, device) -> "Stimuli":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Stimuli(move(self.frames), move(self.frame_targets), move(self.codes), move(self.mel), move(self.text),
+        return Stimuli(move(self.frames), self.frame_shape, move(self.codes), move(self.mel), move(self.text),
                        move(self.regressors))

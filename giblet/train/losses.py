@@ -95,7 +95,8 @@ def _frames_distance(frames: torch.Tensor, reference: torch.Tensor, valid: torch
 
 def _text_distance(embeddings: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Cosine distance per slot, averaged over each sample's valid slots, then the samples."""
-    return _sample_mean(1 - F.cosine_similarity(embeddings, reference, dim=-1), valid)
+    # At 0 where the cosine rounds above 1: a distance, and a lesion's shift (below) is never negative.
+    return _sample_mean((1 - F.cosine_similarity(embeddings, reference, dim=-1)).clamp(min=0), valid)
 
 
 def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -169,7 +170,8 @@ class GibletLoss(nn.Module):
         if "codes" in moved:
             log_p = F.log_softmax(intact["codes"].float(), dim=-1)  # (B, S, n_q, K)
             log_q = F.log_softmax(moved["codes"].float(), dim=-1)
-            divergence = (log_p.exp() * (log_p - log_q)).sum(dim=-1)  # (B, S, n_q)
+            # >= 0 in exact arithmetic; rounding leaves about -1e-9 where the two distributions are equal.
+            divergence = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0)  # (B, S, n_q)
             n_q = divergence.shape[2]
             scales = divergence.new_tensor(self.scales.codes or [1.0] * n_q)
             parts["codes"] = torch.stack([_sample_mean(divergence[:, :, q], targets["codes"][:, :, q] >= 0) / scales[q]

@@ -26,7 +26,7 @@ def _random_stimuli(dims: ModelDims, rows: int = 512) -> Stimuli:
     frames = torch.randint(0, 256, (rows, dims.frame_size), dtype=torch.uint8, generator=generator) if dims.present("video") else None
     return Stimuli(
         frames,
-        frames.view(rows, dims.frame_height, dims.frame_width, 3).permute(0, 3, 1, 2) if frames is not None else None,
+        (dims.frame_height, dims.frame_width),
         torch.randint(0, dims.codebook_size, (dims.n_codebooks, rows * 4), generator=generator).to(torch.int16) if dims.present("codes") else None,
         torch.randn(rows * 4, dims.n_mels, generator=generator) if dims.present("mel") else None,
         torch.nn.functional.normalize(torch.randn(rows, dims.embedding_size, generator=generator), dim=1) if dims.present("text") else None,
