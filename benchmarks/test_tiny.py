@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from giblet.bench.train_step import steps_to_fit
 from giblet.config import LossConfig, ModelConfig, from_dict
 from giblet.data.dataset import WindowDataset
 from giblet.data.store import prepare
@@ -84,17 +85,9 @@ def test_overfit(benchmark, two_subject_store):
         return (model, loss, torch.optim.Adam(model.parameters(), lr=2e-3)), {}
 
     def overfit(model, loss, optimizer):
-        first = None
-        for step in range(MAX_STEPS):
-            total, parts = loss(model(batch))
-            first = parts["fmri"].item() if first is None else first
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-            if parts["fmri"].item() < first / 10:
-                break
-        steps_taken.append(step + 1)
-        benchmark.extra_info["fmri_loss"] = [first, parts["fmri"].item()]
+        steps, first, last = steps_to_fit(model, loss, optimizer, batch, MAX_STEPS)
+        steps_taken.append(steps)
+        benchmark.extra_info["fmri_loss"] = [first, last]
 
     benchmark.group = "tiny preset, 2 subjects: overfit 32 TRs (fMRI loss / 10)"
     benchmark.pedantic(overfit, setup=fresh_model, rounds=ROUNDS, iterations=1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import giblet
+from giblet.bench.train_step import steps_to_fit
 from giblet.config import LossConfig, ModelConfig, from_dict
 from giblet.data.dataset import WindowDataset, window_index
 from giblet.models import GibletAutoencoder, ModelDims, Stimuli, dims_from_manifest
@@ -383,16 +384,8 @@ def test_a_tiny_two_subject_model_overfits_32_trs(two_subject_store):
     batch = dataset.batch(np.arange(32))
     loss = GibletLoss(LossConfig(), LossScales.from_store(two_subject_store, model))  # every loss at its default weight
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    first = None
-    for step in range(400):
-        total, parts = loss(model(batch))
-        first = parts["fmri"].item() if first is None else first
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        if parts["fmri"].item() < first / 10:
-            break
-    assert parts["fmri"].item() < first / 10, f"fMRI loss {first:.3f} -> {parts['fmri'].item():.3f} in {step + 1} steps"
+    steps, first, last = steps_to_fit(model, loss, optimizer, batch, max_steps=400)
+    assert last < first / 10, f"fMRI loss {first:.3f} -> {last:.3f} in {steps} steps"
 
 
 def test_losses_are_float32_under_bf16_autocast(tiny_store):

@@ -38,7 +38,7 @@ import os
 import statistics
 import types
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -122,6 +122,24 @@ class TrainData:
     batch: Dict[str, torch.Tensor]
     scales: LossScales
     description: str
+
+
+def steps_to_fit(model, loss, optimizer, batch, max_steps: int, factor: float = 10.0) -> Tuple[int, float, float]:
+    """Train on one ``batch`` until its fMRI loss is below ``1 / factor`` of the first step's, at most ``max_steps``
+    steps: ``(steps taken, first fMRI loss, last)``. A model that cannot overfit a few TRs has a bug (the test), and
+    how many steps it takes is a figure of the recipe (the benchmark)."""
+    first = last = math.nan
+    step = 0
+    for step in range(1, max_steps + 1):
+        total, parts = loss(model(batch))
+        last = parts["fmri"].item()
+        first = last if step == 1 else first
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        if last < first / factor:
+            break
+    return step, first, last
 
 
 def audio_input(config: Config) -> str:
