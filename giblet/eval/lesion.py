@@ -251,6 +251,11 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
     device = encoded[0][1].device
     silenced = silenced.to(device)
     n_sets = silenced.shape[0]
+    # A set of units the decoder does not read (decoder gain 0 at each: voxels the stimulus does not predict beyond
+    # chance) moves nothing: its reconstruction is the intact one, exactly. Decoded, it would differ by the rounding
+    # of another batch shape, and parcels that move nothing would be ranked by that rounding.
+    read = silenced[:, model.decoder_gain.to(device) != 0].any(dim=1)
+    decoded = read.nonzero().squeeze(1)
     intact_sums: Dict[str, float] = {}
     sums: Dict[str, np.ndarray] = {}
     shifts: Dict[str, np.ndarray] = {}
@@ -263,20 +268,26 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
             _, base = loss({"brain": brain, "reconstructions": intact, "targets": targets})
             for name, value in reported(model, base).items():
                 intact_sums[name] = intact_sums.get(name, 0.0) + value * n
+                sums.setdefault(name, np.zeros(n_sets))[~read.cpu().numpy()] += value * n
+                shifts.setdefault(name, np.zeros(n_sets))
+            if observe is not None:
+                for k in (~read).nonzero().squeeze(1).tolist():
+                    observe(batch, intact, k, intact)
+            progress_bar.advance(n_sets - decoded.numel())
             decode_silenced = model.silenced_decoder(brain)  # layer 8's product of this batch, once for all chunks
-            for first in range(0, n_sets, LESIONS_PER_PASS):
-                chunk = silenced[first : first + LESIONS_PER_PASS]
-                recon = decode_silenced(chunk)
-                for k in range(chunk.shape[0]):
+            for first in range(0, decoded.numel(), LESIONS_PER_PASS):
+                sets = decoded[first : first + LESIONS_PER_PASS]
+                recon = decode_silenced(silenced[sets])
+                for k, index in enumerate(sets.tolist()):
                     moved = {m: v[k * n : (k + 1) * n] for m, v in recon.items()}
                     _, parts = loss({"brain": brain, "reconstructions": moved, "targets": targets})
                     if observe is not None:
-                        observe(batch, intact, first + k, moved)
+                        observe(batch, intact, index, moved)
                     for name, value in reported(model, parts).items():
-                        sums.setdefault(name, np.zeros(n_sets))[first + k] += value * n
+                        sums[name][index] += value * n
                     for name, value in reported(model, loss.shift(moved, intact, targets)).items():
-                        shifts.setdefault(name, np.zeros(n_sets))[first + k] += value * n
-                progress_bar.advance(chunk.shape[0])
+                        shifts[name][index] += value * n
+                progress_bar.advance(sets.numel())
     return LesionEffects({name: value / total for name, value in intact_sums.items()},
                          {name: value / total for name, value in sums.items()}, {name: value / total for name, value in shifts.items()})
 
