@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from giblet.config import ModelConfig
@@ -271,6 +272,46 @@ def test_random_parcels_are_seeded(untrained_model):
     other = lesion_mod.contiguous_null(model, loss, encoded, intact, mask, 100, 3, seed=6, progress=False)
     assert first == again and first != other  # (relative changes, relative shifts), each per modality
     assert len(set(first[0]["video"])) == 3 and len(set(first[1]["video"])) == 3  # three different random parcels
+
+
+@pytest.mark.parametrize("move", [1e-5, 1e-3, 0.3])
+def test_a_small_shift_is_measured_not_rounded(move):
+    """A parcel moves the text and code reconstructions by little: the shift is second order in the move, far
+    below the float32 rounding of 1 - cos or of a KL summed from log-probabilities. It must match the exact
+    distance (float64) at every size of move."""
+    generator = torch.Generator().manual_seed(0)
+    text, codes = torch.randn(4, 3, 384, generator=generator), 3 * torch.randn(4, 3, 8, 1024, generator=generator)
+    moved = {"text": text + move * torch.randn(text.shape, generator=generator),
+             "codes": codes + move * torch.randn(codes.shape, generator=generator)}
+    targets = {"text_valid": torch.ones(4, 3, dtype=torch.bool), "codes": torch.zeros(4, 3, 8, dtype=torch.long)}
+    loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales(codes=[1.0] * 8))
+    shift = loss.shift(moved, {"text": text, "codes": codes}, targets)
+    exact_text = (1 - F.cosine_similarity(moved["text"].double(), text.double(), dim=-1)).mean()
+    log_p, log_q = F.log_softmax(codes.double(), dim=-1), F.log_softmax(moved["codes"].double(), dim=-1)
+    exact_codes = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    assert float(shift["text"]) == pytest.approx(float(exact_text), rel=1e-3)
+    assert float(shift["codes"]) == pytest.approx(float(exact_codes), rel=1e-3)
+
+
+@torch.no_grad()
+def test_a_parcel_the_decoder_does_not_read_changes_nothing_exactly(untrained_model):
+    """Units with decoder gain 0 (voxels not predicted beyond chance) are not read: silencing only such units
+    gives the intact losses and a shift of exactly 0, not the rounding of another batch shape."""
+    model, store, encoded = untrained_model
+    gain = model.decoder_gain.clone()
+    try:
+        model.decoder_gain[: model.n_units // 2] = 0
+        silenced = torch.zeros(3, model.n_units, dtype=torch.bool)
+        silenced[0, :10] = True  # unread units only
+        silenced[1, model.n_units // 2 : model.n_units // 2 + 10] = True  # read units
+        silenced[2, model.n_units // 2 - 5 : model.n_units // 2 + 5] = True  # both
+        loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+        effects = lesion_mod.lesion_effects(model, loss, encoded, silenced, progress=False)
+        for name in effects.intact:
+            assert effects.shifts[name][0] == 0 and effects.losses[name][0] == effects.intact[name]
+            assert effects.shifts[name][1] > 0 and effects.shifts[name][2] > 0
+    finally:
+        model.decoder_gain.copy_(gain)
 
 
 def test_many_lesions_in_one_pass_equal_each_decoded_alone(untrained_model):
