@@ -306,12 +306,17 @@ def test_a_parcel_the_decoder_does_not_read_changes_nothing_exactly(untrained_mo
         silenced[1, model.n_units // 2 : model.n_units // 2 + 10] = True  # read units
         silenced[2, model.n_units // 2 - 5 : model.n_units // 2 + 5] = True  # both
         loss = lesion_mod.GibletLoss(scales=lesion_mod.LossScales.from_store(store, model))
+        decoded = []  # the sets that go through the decoder: the unread one must not (exact, whatever the rounding)
+        silenced_decoder = model.silenced_decoder
+        model.silenced_decoder = lambda brain: (lambda sets: decoded.extend(sets.tolist()) or silenced_decoder(brain)(sets))
         effects = lesion_mod.lesion_effects(model, loss, encoded, silenced, progress=False)
+        assert silenced[0].tolist() not in decoded and silenced[1].tolist() in decoded and silenced[2].tolist() in decoded
         for name in effects.intact:
             assert effects.shifts[name][0] == 0 and effects.losses[name][0] == effects.intact[name]
             assert effects.shifts[name][1] > 0 and effects.shifts[name][2] > 0
     finally:
         model.decoder_gain.copy_(gain)
+        vars(model).pop("silenced_decoder", None)
 
 
 def test_many_lesions_in_one_pass_equal_each_decoded_alone(untrained_model):
