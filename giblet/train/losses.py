@@ -117,13 +117,15 @@ def _code_divergence(moved: torch.Tensor, intact: torch.Tensor) -> torch.Tensor:
     With d = moved - intact logits and c = d - E_p[d] (p the intact distribution), KL = log E_p[exp(c)] =
     log1p(E_p[expm1(c)]): no first-order term left to cancel. Where some |c| reaches 20 (expm1 loses nothing
     then, but a large move needs no such care) the sum over log-probabilities is used."""
-    log_p = F.log_softmax(intact, dim=-1)
-    p = log_p.exp()
-    d = moved - intact
-    c = d - (p * d).sum(dim=-1, keepdim=True)
-    small = torch.log1p((p * torch.expm1(c.clamp(max=20))).sum(dim=-1))
-    large = (p * (log_p - F.log_softmax(moved, dim=-1))).sum(dim=-1)
-    return torch.where(c.abs().amax(dim=-1) < 20, small, large).clamp(min=0)
+    p = F.softmax(intact, dim=-1)
+    c = moved - intact
+    c -= (p * c).sum(dim=-1, keepdim=True)
+    far = c.abs().amax(dim=-1) >= 20
+    divergence = torch.log1p((p * torch.expm1(c.clamp_(max=20))).sum(dim=-1))
+    if bool(far.any()):  # rare (a large move): only then the second softmax
+        log_ratio = F.log_softmax(intact, dim=-1) - F.log_softmax(moved, dim=-1)
+        divergence = torch.where(far, (p * log_ratio).sum(dim=-1), divergence)
+    return divergence.clamp(min=0)
 
 
 def pearson_per_unit(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
