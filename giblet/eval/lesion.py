@@ -59,7 +59,6 @@ GRIFFIN_LIM_ITERATIONS = 16
 BATCH_SIZE = 16
 
 
-
 # --------------------------------------------------------------------------- the run and the ROI
 
 
@@ -256,6 +255,7 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
     # of another batch shape, and parcels that move nothing would be ranked by that rounding.
     read = silenced[:, model.decoder_gain.to(device) != 0].any(dim=1)
     decoded = read.nonzero().squeeze(1)
+    unread = (~read).cpu().numpy()
     intact_sums: Dict[str, float] = {}
     sums: Dict[str, np.ndarray] = {}
     shifts: Dict[str, np.ndarray] = {}
@@ -268,10 +268,10 @@ def lesion_effects(model, loss: GibletLoss, encoded, silenced: torch.Tensor, pro
             _, base = loss({"brain": brain, "reconstructions": intact, "targets": targets})
             for name, value in reported(model, base).items():
                 intact_sums[name] = intact_sums.get(name, 0.0) + value * n
-                sums.setdefault(name, np.zeros(n_sets))[~read.cpu().numpy()] += value * n
+                sums.setdefault(name, np.zeros(n_sets))[unread] += value * n
                 shifts.setdefault(name, np.zeros(n_sets))
             if observe is not None:
-                for k in (~read).nonzero().squeeze(1).tolist():
+                for k in np.flatnonzero(unread).tolist():
                     observe(batch, intact, k, intact)
             progress_bar.advance(n_sets - decoded.numel())
             decode_silenced = model.silenced_decoder(brain)  # layer 8's product of this batch, once for all chunks
